@@ -1,0 +1,144 @@
+"""The model registry: every stage gets its CLIP model from here (DESIGN §1).
+
+A model is named by
+  * an open_clip architecture + pretrained tag (`ViT-B-16`, `laion2b_s34b_b88k`): downloaded by
+    open_clip on first use when the machine is online, cached afterwards;
+  * an open_clip architecture + a local checkpoint file (`--clip-pretrained /path/ckpt.pt`);
+  * a folder holding `open_clip_config.json` and weights (open_clip's `local-dir:` layout);
+  * a builtin offline model (`tiny-clip`), built from a config shipped in `model_configs/`,
+    with seeded random weights unless a checkpoint is given.
+The tiny model goes through the same open_clip code path as the real ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+BUILTIN_SEED = 0
+DEFAULT_CLIP = ("ViT-B-16", "laion2b_s34b_b88k")
+_registered = False
+
+
+@dataclasses.dataclass
+class ClipBundle:
+    """An open_clip model with its transforms and tokenizer, and how it was named."""
+
+    model: Any
+    preprocess_train: Any
+    preprocess_val: Any
+    tokenizer: Any
+    name: str
+    pretrained: str | None
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+def builtin_model_names() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
+
+
+def load_clip(name: str = DEFAULT_CLIP[0], pretrained: str | None = DEFAULT_CLIP[1], device: str = "cpu") -> ClipBundle:
+    """Build an open_clip model from a name and a pretrained tag, checkpoint path or nothing."""
+    open_clip = _open_clip()
+    arch, tag = _resolve(name, pretrained)
+    if arch not in open_clip.list_models() and not arch.startswith("local-dir:"):
+        raise CurateError(f"unknown CLIP model '{name}'; builtin: {builtin_model_names()}, or an open_clip name")
+    if tag is None:
+        import torch
+
+        torch.manual_seed(BUILTIN_SEED)  # builtin random weights are the same on every run
+    try:
+        model, train_tf, val_tf = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)
+    except RuntimeError as exc:
+        raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': {_first_line(exc)}") from None
+    except (OSError, ValueError) as exc:
+        raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': {_first_line(exc)}") from None
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
+    return ClipBundle(model, train_tf, val_tf, tokenizer, name=name, pretrained=pretrained)
+
+
+def save_clip_checkpoint(bundle: ClipBundle, path: str | Path) -> Path:
+    """Save weights in the layout open_clip's `pretrained=PATH` loads back."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": bundle.model.state_dict(), "name": bundle.name}, path)
+    return path
+
+
+def text_classifier(bundle: ClipBundle, class_names: list[str], templates: list[str], device: str = "cpu"):
+    """Per-class mean of normalised template embeddings, renormalised: a (embed_dim, n_classes) tensor."""
+    import torch
+    from open_clip import build_zero_shot_classifier
+
+    with torch.no_grad():
+        return build_zero_shot_classifier(
+            bundle.model,
+            tokenizer=bundle.tokenizer,
+            classnames=class_names,
+            templates=list(templates),
+            num_classes_per_batch=10,
+            device=device,
+            use_tqdm=False,
+        )
+
+
+def encode_texts(bundle: ClipBundle, texts: list[str], device: str = "cpu"):
+    """L2-normalised text embeddings, one row per text."""
+    import torch
+
+    with torch.no_grad():
+        tokens = bundle.tokenizer(list(texts)).to(device)
+        features = bundle.model.encode_text(tokens)
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+
+def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
+    """Map (name, pretrained) to open_clip's (architecture, pretrained) arguments."""
+    _register_builtin_configs()
+    if Path(name).is_dir():
+        if not (Path(name) / "open_clip_config.json").exists():
+            raise CurateError(f"model folder {name} has no open_clip_config.json")
+        return f"local-dir:{Path(name).resolve()}", None
+    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        if not Path(pretrained).is_file():
+            raise CurateError(f"checkpoint not found: {pretrained}")
+        return name, str(pretrained)
+    if name in builtin_model_names():
+        if pretrained:
+            raise CurateError(f"builtin model '{name}' takes a checkpoint path as pretrained, not the tag '{pretrained}'")
+        return name, None
+    return name, pretrained or None
+
+
+def _register_builtin_configs() -> None:
+    global _registered
+    if not _registered:
+        _open_clip().add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise CurateError("open_clip is not installed: pip install open_clip_torch") from None
+    return open_clip
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,169 @@
+"""Load and validate a task: YAML (DESIGN §2) or a plain text file with one class name per line."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curate.errors import CurateError
+
+BUILTIN_DIR = Path(__file__).parent
+_TASK_KEYS = {"name", "domain_text", "templates", "class_suffix", "backgrounds", "classes"}
+_CLASS_KEYS = {"name", "aliases", "require_any", "exclude"}
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassSpec:
+    """One class: its label is its index in the task's class list."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    require_any: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The strings that name this class in a caption: its name, then its aliases."""
+        return (self.name, *self.aliases)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    classes: tuple[ClassSpec, ...]
+    domain_text: tuple[str, ...] = ()
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    class_suffix: str = ""
+    backgrounds: tuple[str, ...] = ()
+    source: str = ""
+
+    @property
+    def class_names(self) -> list[str]:
+        return [spec.name for spec in self.classes]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as YAML-ready data (classes without options stay bare strings)."""
+        data: dict[str, Any] = {"name": self.name}
+        for key in ("domain_text", "templates", "backgrounds"):
+            if getattr(self, key):
+                data[key] = list(getattr(self, key))
+        if self.class_suffix:
+            data["class_suffix"] = self.class_suffix
+        data["classes"] = [_class_to_data(spec) for spec in self.classes]
+        return data
+
+
+def builtin_task_names() -> list[str]:
+    return sorted(path.stem for path in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_task(ref: str | Path) -> Task:
+    """Load a builtin task by name, or a task file (.yaml/.yml, or text: one class per line)."""
+    path = Path(ref)
+    if not path.exists():
+        builtin = BUILTIN_DIR / f"{ref}.yaml"
+        if not builtin.exists():
+            known = ", ".join(builtin_task_names())
+            raise CurateError(f"task '{ref}' is neither a file nor a builtin task ({known})")
+        path = builtin
+    if path.is_dir():
+        raise CurateError(f"task file {path} is a directory")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CurateError(f"cannot read task file {path}: {exc}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return task_from_data(_parse_yaml(text, path), source=str(path))
+    return task_from_lines(text, name=path.stem, source=str(path))
+
+
+def task_from_lines(text: str, name: str, source: str = "") -> Task:
+    """A text task: one class name per line; blank lines and lines starting with '#' are skipped."""
+    names = [line.strip() for line in text.splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    return task_from_data({"name": name, "classes": names}, source=source)
+
+
+def task_from_data(data: Any, source: str = "<data>") -> Task:
+    """Validate parsed YAML data and build a Task; every problem is one CurateError line."""
+    where = f"task {source}"
+    if not isinstance(data, dict):
+        raise CurateError(f"{where}: expected a mapping with 'name' and 'classes'")
+    unknown = sorted(set(data) - _TASK_KEYS)
+    if unknown:
+        raise CurateError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_TASK_KEYS)}")
+    classes = tuple(_parse_class(item, i, where) for i, item in enumerate(data.get("classes") or []))
+    if not classes:
+        raise CurateError(f"{where}: no classes")
+    _check_unique_names(classes, where)
+    templates = _string_list(data, "templates", where) or DEFAULT_TEMPLATES
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise CurateError(f"{where}: template {bad[0]!r} has no '{{}}' placeholder for the class name")
+    return Task(
+        name=_string(data.get("name") or Path(source).stem, "name", where),
+        classes=classes,
+        domain_text=_string_list(data, "domain_text", where),
+        templates=templates,
+        class_suffix=_string(data.get("class_suffix", ""), "class_suffix", where, allow_empty=True),
+        backgrounds=_string_list(data, "backgrounds", where),
+        source=source,
+    )
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise CurateError(f"task file {path} is not valid YAML: {first}") from None
+
+
+def _parse_class(item: Any, index: int, where: str) -> ClassSpec:
+    if not isinstance(item, dict):
+        return ClassSpec(name=_string(item, f"classes[{index}]", where))
+    unknown = sorted(set(item) - _CLASS_KEYS)
+    if unknown:
+        raise CurateError(f"{where}: classes[{index}] has unknown key(s) {unknown}; allowed: {sorted(_CLASS_KEYS)}")
+    name = _string(item.get("name"), f"classes[{index}].name", where)
+    lists = {key: _string_list(item, key, f"{where}: class '{name}'") for key in ("aliases", "require_any", "exclude")}
+    return ClassSpec(name=name, **lists)
+
+
+def _check_unique_names(classes: tuple[ClassSpec, ...], where: str) -> None:
+    seen: dict[str, str] = {}
+    for spec in classes:
+        key = spec.name.casefold()
+        if key in seen:
+            raise CurateError(f"{where}: duplicate class name {spec.name!r}")
+        seen[key] = spec.name
+
+
+def _string(value: Any, what: str, where: str, allow_empty: bool = False) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # YAML reads a bare 707 or 1.5 as a number; a class name is text
+    if not isinstance(value, str):
+        raise CurateError(f"{where}: {what} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise CurateError(f"{where}: {what} is empty")
+    return value if allow_empty else value.strip()
+
+
+def _string_list(data: dict, key: str, where: str) -> tuple[str, ...]:
+    value = data.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise CurateError(f"{where}: '{key}' must be a list of strings")
+    return tuple(_string(v, f"an entry of '{key}'", where) for v in value)
+
+
+def _class_to_data(spec: ClassSpec) -> Any:
+    options = {k: list(getattr(spec, k)) for k in ("aliases", "require_any", "exclude") if getattr(spec, k)}
+    return {"name": spec.name, **options} if options else spec.name

@@ -1,0 +1,29 @@
+"""The manifest: schema, reading/writing, reports, uids and exporters (DESIGN §4)."""
+
+from manifests.io import (
+    read_manifest,
+    read_report,
+    staged_output_dir,
+    write_json,
+    write_manifest,
+    write_report,
+)
+from manifests.schema import COLUMNS, REQUIRED_COLUMNS, SOURCES, conform, validate
+from manifests.uid import hashed_subset_rank, uid_for_synthetic, uid_for_url
+
+__all__ = [
+    "COLUMNS",
+    "REQUIRED_COLUMNS",
+    "SOURCES",
+    "conform",
+    "hashed_subset_rank",
+    "read_manifest",
+    "read_report",
+    "staged_output_dir",
+    "uid_for_synthetic",
+    "uid_for_url",
+    "validate",
+    "write_json",
+    "write_manifest",
+    "write_report",
+]

@@ -1,0 +1,117 @@
+"""Reading and writing manifests and reports, atomically (write to a temp path, rename at the end)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.errors import CurateError
+from manifests.schema import validate
+
+MANIFEST_NAME = "manifest.parquet"
+REPORT_NAME = "report.json"
+_VERSIONED_PACKAGES = ("curate", "duckdb", "pyarrow", "hyperscan", "torch", "open_clip_torch", "img2dataset", "diffusers")
+
+
+def read_manifest(path: str | os.PathLike) -> pa.Table:
+    """Read and validate a manifest parquet file (or a folder holding manifest.parquet)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.exists():
+        raise CurateError(f"manifest not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CurateError(f"cannot read manifest {path}: {exc}") from None
+    return validate(table, where=f"manifest {path}")
+
+
+def write_manifest(table: pa.Table, path: str | os.PathLike) -> pa.Table:
+    """Validate and write a manifest atomically; returns the conformed table."""
+    table = validate(table)
+    _atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return table
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write JSON atomically, pretty-printed, keys in insertion order."""
+    text = json.dumps(data, indent=2, default=_json_default) + "\n"
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str, Any]:
+    """Write OUT/report.json with the command line and package versions added in front."""
+    full = {"command": command_line(), "versions": package_versions(), **report}
+    write_json(full, Path(out_dir) / REPORT_NAME)
+    return full
+
+
+def read_report(out_dir: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / REPORT_NAME).read_text(encoding="utf-8"))
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in _VERSIONED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+@contextlib.contextmanager
+def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; it becomes `out` only if the block succeeds.
+
+    An existing `out` is refused unless `overwrite`; then it is replaced at the very end, so a
+    failed run leaves the previous result (or nothing) in place, never a half-written one.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CurateError(f"output directory {out} already exists (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(staging, out)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

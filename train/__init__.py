@@ -1,0 +1,1 @@
+"""Finetuning, zero-shot and linear-probe evaluation (DESIGN §5-§6)."""
