@@ -1,0 +1,199 @@
+"""Which classes does a caption name? The exact rules of DESIGN §3, plus a fast candidate finder.
+
+Two steps, so that the exact (slow, per-caption) rules run only on the few rows that can match:
+  1. `CaptionMatcher.candidates(array)`: every class term searched at once, case-insensitively, over the
+     whole Arrow string buffer of a batch by a multi-literal engine (Hyperscan; RE2 via pyarrow as the
+     fallback where Hyperscan is not installed). It returns a superset of the rows that match.
+  2. `CaptionMatcher.classes_in(caption, term_ids)`: the exact rules on one caption: word or substring
+     matching, overlap resolution, require_any / exclude.
+Class names are data: every term is escaped character by character before any pattern is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.tasks import ClassSpec
+
+MATCH_MODES = ("word", "substring")
+_WHITESPACE = re.compile(r"\s+")
+_NOT_ALNUM_BEFORE = r"(?<![^\W_])"  # start of text, or a character that is not a letter or digit
+_NOT_ALNUM_AFTER = r"(?![^\W_])"
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    text: str
+    class_index: int
+    finder: re.Pattern  # finds every (possibly overlapping) occurrence; group 1 is the match
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassHit:
+    class_index: int
+    matched_text: str
+    start: int
+
+
+class CaptionMatcher:
+    """Match captions against the classes of a task (labels = class indices)."""
+
+    def __init__(self, classes: Sequence[ClassSpec], mode: str = "word", engine: str = "auto"):
+        if mode not in MATCH_MODES:
+            raise ValueError(f"match mode must be one of {MATCH_MODES}, got {mode!r}")
+        self.mode = mode
+        self.terms = [
+            Term(text, index, _finder(text, word=mode == "word"))
+            for index, spec in enumerate(classes)
+            for text in dict.fromkeys(spec.terms)
+        ]
+        self._required = [_any_word(spec.require_any) for spec in classes]
+        self._excluded = [_any_word(spec.exclude) for spec in classes]
+        self._prefilter = _make_prefilter([t.text for t in self.terms], engine)
+
+    @property
+    def engine(self) -> str:
+        return self._prefilter.name
+
+    def candidates(self, captions: pa.Array) -> dict[int, set[int] | None]:
+        """Rows of `captions` that may match -> the term ids seen there (None: check every term)."""
+        return self._prefilter.candidates(captions)
+
+    def classes_in(self, caption: str, term_ids: Iterable[int] | None = None) -> list[ClassHit]:
+        """Classes named by `caption` after overlap, require_any and exclude, in order of first mention."""
+        ids = range(len(self.terms)) if term_ids is None else term_ids
+        spans = [
+            (m.start(1), m.end(1), self.terms[i].class_index)
+            for i in ids
+            for m in self.terms[i].finder.finditer(caption)
+        ]
+        first: dict[int, ClassHit] = {}
+        for start, end, cls in sorted(_drop_contained(spans), key=lambda span: (span[0], -span[1])):
+            if cls not in first and self._allowed(cls, caption):
+                first[cls] = ClassHit(cls, caption[start:end], start)
+        return list(first.values())
+
+    def _allowed(self, cls: int, caption: str) -> bool:
+        required, excluded = self._required[cls], self._excluded[cls]
+        if required is not None and not required.search(caption):
+            return False
+        return excluded is None or not excluded.search(caption)
+
+
+def _drop_contained(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """A match lying inside a longer match of another class does not count ("737" in "737-800")."""
+    return [
+        (s, e, c)
+        for s, e, c in spans
+        if not any(oc != c and os <= s and e <= oe and oe - os > e - s for os, oe, oc in spans)
+    ]
+
+
+def _term_body(term: str) -> str:
+    """Escaped Python-regex body of a term; a space inside a term matches any run of whitespace."""
+    return r"\s+".join(re.escape(part) for part in _WHITESPACE.split(term.strip()))
+
+
+def _finder(term: str, word: bool) -> re.Pattern:
+    body = _term_body(term)
+    if word:
+        body = f"{_NOT_ALNUM_BEFORE}(?=({body}){_NOT_ALNUM_AFTER})"
+    else:
+        body = f"(?=({body}))"
+    return re.compile(body, re.IGNORECASE)
+
+
+def _any_word(words: Sequence[str]) -> re.Pattern | None:
+    if not words:
+        return None
+    alternation = "|".join(_term_body(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(f"{_NOT_ALNUM_BEFORE}(?:{alternation}){_NOT_ALNUM_AFTER}", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------ candidate finders (prefilters)
+class _HyperscanPrefilter:
+    """All terms in one Hyperscan database, scanned over a batch's whole UTF-8 data buffer."""
+
+    name = "hyperscan"
+
+    def __init__(self, terms: list[str]):
+        import hyperscan
+
+        self._hs = hyperscan
+        flags = hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP
+        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        self._db.compile(
+            expressions=[_hyperscan_pattern(t) for t in terms],
+            ids=list(range(len(terms))),
+            flags=flags,
+        )
+
+    def candidates(self, captions: pa.Array) -> dict[int, set[int] | None]:
+        offsets, data = _string_buffers(captions)
+        if data is None or offsets[-1] == offsets[0]:
+            return {}
+        ends: list[int] = []
+        ids: list[int] = []
+
+        def on_match(term_id, _start, end, _flags, _ctx):
+            ends.append(end)
+            ids.append(term_id)
+
+        base = int(offsets[0])
+        self._db.scan(data.slice(base, int(offsets[-1]) - base), match_event_handler=on_match,
+                      scratch=self._hs.Scratch(self._db))
+        rows = np.searchsorted(offsets - base, np.asarray(ends, dtype=np.int64), side="left") - 1
+        found: dict[int, set[int] | None] = {}
+        for row, term_id in zip(rows.tolist(), ids):
+            found.setdefault(row, set()).add(term_id)
+        return found
+
+
+class _ArrowRegexPrefilter:
+    """Fallback: one case-insensitive RE2 alternation of every term (pyarrow compute)."""
+
+    name = "arrow-re2"
+
+    def __init__(self, terms: list[str]):
+        self._pattern = "|".join(_term_body(t) for t in sorted(terms, key=len, reverse=True))
+
+    def candidates(self, captions: pa.Array) -> dict[int, set[int] | None]:
+        mask = pc.match_substring_regex(captions, self._pattern, ignore_case=True)
+        rows = np.flatnonzero(mask.fill_null(False).to_numpy(zero_copy_only=False))
+        return dict.fromkeys(rows.tolist())
+
+
+def _make_prefilter(terms: list[str], engine: str):
+    if engine in ("auto", "hyperscan"):
+        try:
+            return _HyperscanPrefilter(terms)
+        except ImportError:
+            if engine == "hyperscan":
+                raise
+    return _ArrowRegexPrefilter(terms)
+
+
+def _hyperscan_pattern(term: str) -> bytes:
+    """A Hyperscan regex matching `term` literally (ASCII punctuation hex-escaped, whitespace runs as \\s+)."""
+    parts = []
+    for chunk in _WHITESPACE.split(term.strip()):
+        parts.append("".join(ch if ch.isalnum() or ord(ch) > 127 else f"\\x{ord(ch):02x}" for ch in chunk))
+    return r"\s+".join(parts).encode("utf-8")
+
+
+def _string_buffers(captions: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
+    """(offsets, data buffer) of a string array, with the array's own offset applied."""
+    if isinstance(captions, pa.ChunkedArray):
+        captions = captions.combine_chunks()
+    if pa.types.is_string_view(captions.type):
+        captions = captions.cast(pa.string())
+    offset_type = np.int64 if pa.types.is_large_string(captions.type) else np.int32
+    _, offsets_buf, data = captions.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[captions.offset : captions.offset + len(captions) + 1]
+    return offsets.astype(np.int64), data

@@ -1,0 +1,113 @@
+"""Reading LAION/DataComp-style parquet metadata: input files, column detection, streaming batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.errors import CurateError
+
+# manifest column -> source column names, in order of preference (LAION first, then DataComp)
+URL_COLUMNS = ("URL", "url")
+CAPTION_COLUMNS = ("TEXT", "text", "caption", "CAPTION")
+CARRIED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "width": ("WIDTH", "original_width", "width"),
+    "height": ("HEIGHT", "original_height", "height"),
+    "laion_similarity": ("similarity",),
+    "punsafe": ("punsafe",),
+    "pwatermark": ("pwatermark",),
+    "hash": ("hash",),
+    "source_uid": ("uid",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataFile:
+    path: str
+    num_rows: int
+    columns: dict[str, str]  # manifest name -> column in the file (url, caption and carried ones)
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Files named by paths, folders (every *.parquet below) and globs; sorted by path, each once."""
+    files: set[str] = set()
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            matched = [str(p) for p in path.rglob("*.parquet")]
+            if not matched:
+                raise CurateError(f"folder {pattern} holds no .parquet files")
+        elif path.is_file():
+            matched = [str(path)]
+        else:
+            matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+            if not matched:
+                raise CurateError(f"no file matches '{pattern}'")
+        files.update(os.path.abspath(p) for p in matched)
+    return sorted(files)
+
+
+def inspect_file(path: str, url_col: str | None = None, caption_col: str | None = None) -> MetadataFile:
+    """Read a parquet footer and map its columns to manifest columns; one clear error if it can't."""
+    try:
+        meta = pq.read_metadata(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CurateError(f"{path} is not a readable parquet file: {str(exc).splitlines()[0]}") from None
+    names = list(meta.schema.to_arrow_schema().names)
+    columns = {
+        "url": _pick(names, url_col, URL_COLUMNS, "URL", path, "--url-col"),
+        "caption": _pick(names, caption_col, CAPTION_COLUMNS, "caption", path, "--caption-col"),
+    }
+    for target, candidates in CARRIED_COLUMNS.items():
+        found = _find(names, candidates)
+        if found and found not in columns.values():
+            columns[target] = found
+    return MetadataFile(path=path, num_rows=meta.num_rows, columns=columns)
+
+
+def _pick(names: list[str], given: str | None, candidates: tuple[str, ...], what: str, path: str, option: str) -> str:
+    if given is not None:
+        if given not in names:
+            raise CurateError(f"{path} has no column '{given}' (columns: {', '.join(names)})")
+        return given
+    found = _find(names, candidates)
+    if found is None:
+        raise CurateError(f"{path} has no {what} column (looked for {', '.join(candidates)}); name it with {option}")
+    return found
+
+
+def _find(names: list[str], candidates: tuple[str, ...]) -> str | None:
+    for candidate in candidates:
+        if candidate in names:
+            return candidate
+    lowered = {name.lower(): name for name in names}
+    for candidate in candidates:
+        if candidate.lower() in lowered:
+            return lowered[candidate.lower()]
+    return None
+
+
+def quote_identifier(name: str) -> str:
+    """A SQL identifier for a column name taken from a file: always quoted, quotes doubled."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def stream_rows(con, source: MetadataFile, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Stream a file's non-empty rows (URL and caption present and non-empty) as Arrow batches, in file order."""
+    select = ", ".join(f"{quote_identifier(col)} AS {quote_identifier(name)}" for name, col in source.columns.items())
+    query = (
+        f"SELECT {select} FROM read_parquet($path) "
+        f"WHERE {quote_identifier(source.columns['url'])} <> '' AND {quote_identifier(source.columns['caption'])} <> ''"
+    )
+    import duckdb
+
+    try:
+        yield from con.sql(query, params={"path": source.path}).to_arrow_reader(batch_rows)
+    except duckdb.Error as exc:
+        raise CurateError(f"cannot read {source.path}: {str(exc).splitlines()[0]}") from None

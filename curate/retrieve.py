@@ -1,0 +1,274 @@
+"""`curate retrieve`: targeted real data from LAION-style metadata (DESIGN §3).
+
+DuckDB streams each parquet file (files sorted by path, rows in file order); each Arrow batch goes
+through the quality filters, the multi-literal candidate finder and, for the few candidate rows, the
+exact class rules; matched rows are de-duplicated by URL, optionally capped per class, and written as a
+manifest with a funnel report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from curate.errors import CurateError
+from curate.matching import CaptionMatcher
+from curate.metadata import MetadataFile, expand_inputs, inspect_file, stream_rows
+from curate.tasks import Task, load_task
+from manifests import hashed_subset_rank, staged_output_dir, uid_for_url, write_manifest, write_report
+from manifests.io import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
+BATCH_ROWS = 1 << 20
+FUNNEL_KEYS = ("rows_scanned", "skipped_empty", "filtered_quality", "candidates", "matched", "ambiguous",
+               "ambiguous_extra_rows", "duplicates", "capped", "kept")
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityFilters:
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+    min_side: int | None = None
+
+    def needed_columns(self) -> list[str]:
+        needed = []
+        if self.max_punsafe is not None:
+            needed.append("punsafe")
+        if self.max_pwatermark is not None:
+            needed.append("pwatermark")
+        if self.min_side is not None:
+            needed += ["width", "height"]
+        return needed
+
+
+@dataclasses.dataclass
+class RetrieveResult:
+    out: Path
+    funnel: dict[str, int]
+    per_class: dict[str, int]
+    seconds: float
+    engine: str
+
+    def summary(self) -> str:
+        f = self.funnel
+        lines = [f"retrieved {f['kept']} rows into {self.out / MANIFEST_NAME} "
+                 f"({f['rows_scanned']:,} rows scanned in {self.seconds:.1f} s, "
+                 f"{f['rows_scanned'] / max(self.seconds, 1e-9):,.0f} rows/s, engine {self.engine})"]
+        lines += [f"  {key:22s} {f[key]:>12,}" for key in FUNNEL_KEYS]
+        empty = [name for name, count in self.per_class.items() if count == 0]
+        lines.append(f"  classes with rows       {len(self.per_class) - len(empty)} of {len(self.per_class)}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Collected:
+    """Matched rows in input order, as small Arrow tables, plus the running funnel counts."""
+
+    tables: list[pa.Table] = dataclasses.field(default_factory=list)
+    seen_urls: set[str] = dataclasses.field(default_factory=set)
+    funnel: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(FUNNEL_KEYS, 0))
+
+
+def retrieve(
+    task: str | Path | Task,
+    metadata: Sequence[str],
+    out: str | Path,
+    match_mode: str = "word",
+    multi_class: str = "drop",
+    per_class_cap: int | None = None,
+    seed: int = 0,
+    url_col: str | None = None,
+    caption_col: str | None = None,
+    max_punsafe: float | None = None,
+    max_pwatermark: float | None = None,
+    min_side: int | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> RetrieveResult:
+    """Find the rows of `metadata` whose captions name a class of `task`; write OUT/manifest.parquet + report.json.
+
+    Args:
+        task: builtin task name, task file, or a loaded Task.
+        metadata: parquet paths, folders or globs (LAION or DataComp schema).
+        match_mode: "word" (term bounded by non-alphanumerics) or "substring".
+        multi_class: "drop" captions naming several classes, or "duplicate" them (one row per class).
+        per_class_cap: keep at most this many rows per class (a seeded, order-independent subset).
+    Returns:
+        RetrieveResult with the funnel counts and per-class counts.
+    """
+    started = time.perf_counter()
+    task = task if isinstance(task, Task) else load_task(task)
+    if multi_class not in ("drop", "duplicate"):
+        raise CurateError(f"--multi-class must be drop or duplicate, got {multi_class!r}")
+    filters = QualityFilters(max_punsafe, max_pwatermark, min_side)
+    sources = [inspect_file(path, url_col, caption_col) for path in expand_inputs(metadata)]
+    _check_filter_columns(sources, filters)
+    matcher = CaptionMatcher(task.classes, mode=match_mode)
+    with staged_output_dir(out, overwrite=overwrite) as staging:
+        collected = _scan(sources, matcher, filters, task, multi_class, threads)
+        table = _finish(collected, task, per_class_cap, seed)
+        write_manifest(table, staging / MANIFEST_NAME)
+        seconds = time.perf_counter() - started
+        per_class = _per_class_counts(table, task)
+        write_report(staging, _report(task, sources, filters, collected.funnel, per_class, seconds, locals_=dict(
+            match=match_mode, multi_class=multi_class, per_class_cap=per_class_cap, seed=seed, engine=matcher.engine)))
+    return RetrieveResult(Path(out), collected.funnel, per_class, seconds, matcher.engine)
+
+
+def _check_filter_columns(sources: list[MetadataFile], filters: QualityFilters) -> None:
+    for source in sources:
+        for column in filters.needed_columns():
+            if column not in source.columns:
+                raise CurateError(f"a quality filter needs a '{column}' column, which {source.path} does not have")
+
+
+def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task, multi_class: str, threads) -> _Collected:
+    import duckdb
+
+    config = {"threads": threads or os.cpu_count() or 1}
+    collected = _Collected()
+    with duckdb.connect(config=config) as con, tqdm(
+        total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None
+    ) as bar:
+        for index, source in enumerate(sources, start=1):
+            bar.set_postfix_str(f"file {index}/{len(sources)}")
+            returned = 0
+            for batch in stream_rows(con, source, BATCH_ROWS):
+                returned += batch.num_rows
+                _match_batch(batch, matcher, filters, task, multi_class, collected)
+                bar.update(batch.num_rows)
+            collected.funnel["rows_scanned"] += source.num_rows
+            collected.funnel["skipped_empty"] += source.num_rows - returned
+            bar.update(source.num_rows - returned)
+    return collected
+
+
+def _match_batch(batch: pa.RecordBatch, matcher, filters, task, multi_class, collected: _Collected) -> None:
+    keep = quality_mask(batch, filters)
+    if keep is not None:
+        before = batch.num_rows
+        batch = batch.filter(keep)
+        collected.funnel["filtered_quality"] += before - batch.num_rows
+    candidates = matcher.candidates(batch.column("caption"))
+    collected.funnel["candidates"] += len(candidates)
+    if not candidates:
+        return
+    rows = sorted(candidates)
+    sub = batch.take(pa.array(rows, type=pa.int64()))
+    captions = sub.column("caption").to_pylist()
+    urls = sub.column("url").to_pylist()
+    take, labels, texts = [], [], []
+    for i, (caption, url) in enumerate(zip(captions, urls)):
+        hits = matcher.classes_in(caption, candidates[rows[i]])
+        if not hits:
+            continue
+        collected.funnel["matched"] += 1
+        if len(hits) > 1:
+            collected.funnel["ambiguous"] += 1
+            if multi_class == "drop":
+                continue
+            collected.funnel["ambiguous_extra_rows"] += len(hits) - 1
+        if url in collected.seen_urls:
+            collected.funnel["duplicates"] += 1
+            continue
+        collected.seen_urls.add(url)
+        for hit in hits:
+            take.append(i)
+            labels.append(hit.class_index)
+            texts.append(hit.matched_text)
+    if take:
+        collected.tables.append(_rows_table(sub, take, labels, texts, task, duplicated=len(take) != len(set(take))))
+
+
+def quality_mask(batch: pa.RecordBatch, filters: QualityFilters) -> pa.BooleanArray | None:
+    """Rows passing the LAION quality filters (a missing value fails an active filter); None if none is set."""
+    masks = []
+    if filters.max_punsafe is not None:
+        masks.append(pc.less_equal(batch.column("punsafe"), filters.max_punsafe))
+    if filters.max_pwatermark is not None:
+        masks.append(pc.less_equal(batch.column("pwatermark"), filters.max_pwatermark))
+    if filters.min_side is not None:
+        shorter = pc.min_element_wise(batch.column("width"), batch.column("height"))
+        masks.append(pc.greater_equal(shorter, filters.min_side))
+    if not masks:
+        return None
+    mask = masks[0]
+    for other in masks[1:]:
+        mask = pc.and_kleene(mask, other)
+    return mask.fill_null(False)
+
+
+def _rows_table(sub: pa.RecordBatch, take, labels, texts, task: Task, duplicated: bool) -> pa.Table:
+    rows = pa.Table.from_batches([sub]).take(pa.array(take, type=pa.int64()))
+    urls = rows.column("url").to_pylist()
+    counts: dict[str, int] = {}
+    for url in urls:
+        counts[url] = counts.get(url, 0) + 1
+    uids = [uid_for_url(u, label if counts[u] > 1 else None) for u, label in zip(urls, labels)]
+    names = task.class_names
+    columns = {
+        "uid": pa.array(uids, pa.string()),
+        "label": pa.array(labels, pa.int32()),
+        "class_name": pa.array([names[label] for label in labels], pa.string()),
+        "source": pa.array(["retrieved"] * len(labels), pa.string()),
+        "caption": rows.column("caption"),
+        "url": rows.column("url"),
+        "matched_text": pa.array(texts, pa.string()),
+    }
+    for name in rows.column_names:
+        columns.setdefault(name, rows.column(name))
+    return pa.table(columns)
+
+
+def _finish(collected: _Collected, task: Task, per_class_cap: int | None, seed: int) -> pa.Table:
+    from manifests.schema import conform, empty_table
+
+    base = ["uid", "label", "class_name", "source", "caption", "url", "matched_text"]
+    tables = [conform(t) for t in collected.tables]
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else empty_table(base)
+    if per_class_cap is not None:
+        before = table.num_rows
+        table = cap_per_class(table, per_class_cap, seed)
+        collected.funnel["capped"] = before - table.num_rows
+    collected.funnel["kept"] = table.num_rows
+    return table
+
+
+def cap_per_class(table: pa.Table, cap: int, seed: int) -> pa.Table:
+    """At most `cap` rows per label: those with the smallest seeded hash of their uid; input order kept."""
+    labels = table.column("label").to_numpy()
+    ranks = np.array([hashed_subset_rank(uid, seed) for uid in table.column("uid").to_pylist()], dtype=np.uint64)
+    keep = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        keep[rows[np.argsort(ranks[rows], kind="stable")[:cap]]] = True
+    return table.filter(pa.array(keep))
+
+
+def _per_class_counts(table: pa.Table, task: Task) -> dict[str, int]:
+    counts = np.bincount(table.column("label").to_numpy(), minlength=len(task.classes)) if table.num_rows else [0] * len(task.classes)
+    return {name: int(count) for name, count in zip(task.class_names, counts)}
+
+
+def _report(task: Task, sources, filters: QualityFilters, funnel, per_class, seconds: float, locals_: dict) -> dict:
+    return {
+        "stage": "retrieve",
+        "task": task.name,
+        "task_source": task.source,
+        "settings": {**locals_, "filters": dataclasses.asdict(filters)},
+        "seeds": {"per_class_cap": locals_["seed"]},
+        "inputs": [{"path": s.path, "rows": s.num_rows, "columns": s.columns} for s in sources],
+        "funnel": funnel,
+        "per_class": per_class,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(funnel["rows_scanned"] / max(seconds, 1e-9), 1),
+    }
