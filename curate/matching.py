@@ -118,7 +118,12 @@ def _any_word(words: Sequence[str]) -> re.Pattern | None:
 
 # ------------------------------------------------------------------ candidate finders (prefilters)
 class _HyperscanPrefilter:
-    """All terms in one Hyperscan database, scanned over a batch's whole UTF-8 data buffer."""
+    """One Hyperscan scan over a batch's whole UTF-8 data buffer finds every row that may match.
+
+    Each term is reduced to a key that any match of the term must contain: its longest ASCII run
+    (as a caseless literal: literal databases compile in milliseconds even for thousands of classes).
+    Terms with no ASCII letters or digits are searched as caseless Unicode patterns instead.
+    """
 
     name = "hyperscan"
 
@@ -126,32 +131,44 @@ class _HyperscanPrefilter:
         import hyperscan
 
         self._hs = hyperscan
-        flags = hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP
-        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        self._db.compile(
-            expressions=[_hyperscan_pattern(t) for t in terms],
-            ids=list(range(len(terms))),
-            flags=flags,
-        )
+        ascii_keys: dict[bytes, list[int]] = {}
+        unicode_keys: dict[bytes, list[int]] = {}
+        for term_id, (term, key) in enumerate(zip(terms, _ascii_keys(terms))):
+            if key:
+                ascii_keys.setdefault(key, []).append(term_id)
+            else:
+                unicode_keys.setdefault(_hyperscan_pattern(term), []).append(term_id)
+        self._databases = []
+        if ascii_keys:
+            self._databases.append(self._compile(ascii_keys, hyperscan.HS_FLAG_CASELESS, literal=True))
+        if unicode_keys:
+            flags = hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP
+            self._databases.append(self._compile(unicode_keys, flags, literal=False))
+
+    def _compile(self, keys: dict[bytes, list[int]], flags: int, literal: bool):
+        database = self._hs.Database(mode=self._hs.HS_MODE_BLOCK)
+        database.compile(expressions=list(keys), ids=list(range(len(keys))), flags=flags, literal=literal)
+        return database, self._hs.Scratch(database), list(keys.values())
 
     def candidates(self, captions: pa.Array) -> dict[int, set[int] | None]:
         offsets, data = _string_buffers(captions)
         if data is None or offsets[-1] == offsets[0]:
             return {}
-        ends: list[int] = []
-        ids: list[int] = []
-
-        def on_match(term_id, _start, end, _flags, _ctx):
-            ends.append(end)
-            ids.append(term_id)
-
         base = int(offsets[0])
-        self._db.scan(data.slice(base, int(offsets[-1]) - base), match_event_handler=on_match,
-                      scratch=self._hs.Scratch(self._db))
-        rows = np.searchsorted(offsets - base, np.asarray(ends, dtype=np.int64), side="left") - 1
+        block = data.slice(base, int(offsets[-1]) - base)
         found: dict[int, set[int] | None] = {}
-        for row, term_id in zip(rows.tolist(), ids):
-            found.setdefault(row, set()).add(term_id)
+        for database, scratch, term_ids in self._databases:
+            ends: list[int] = []
+            keys: list[int] = []
+
+            def on_match(key_id, _start, end, _flags, _ctx):
+                ends.append(end)
+                keys.append(key_id)
+
+            database.scan(block, match_event_handler=on_match, scratch=scratch)
+            rows = np.searchsorted(offsets - base, np.asarray(ends, dtype=np.int64), side="left") - 1
+            for row, key_id in zip(rows.tolist(), keys):
+                found.setdefault(row, set()).update(term_ids[key_id])
         return found
 
 
@@ -185,6 +202,22 @@ def _hyperscan_pattern(term: str) -> bytes:
     for chunk in _WHITESPACE.split(term.strip()):
         parts.append("".join(ch if ch.isalnum() or ord(ch) > 127 else f"\\x{ord(ch):02x}" for ch in chunk))
     return r"\s+".join(parts).encode("utf-8")
+
+
+def _ascii_runs(term: str) -> list[str]:
+    """Lowercased runs of printable ASCII inside the words of `term` that hold a letter or digit."""
+    return [run.lower() for run in re.findall(r"[\x21-\x7e]+", term) if any(ch.isalnum() for ch in run)]
+
+
+def _ascii_keys(terms: list[str]) -> list[bytes]:
+    """Per term, a run any match must contain: its longest (short runs hit inside common words), the one
+    fewest other terms share among equally long ones."""
+    runs = [_ascii_runs(term) for term in terms]
+    shared: dict[str, int] = {}
+    for term_runs in runs:
+        for run in set(term_runs):
+            shared[run] = shared.get(run, 0) + 1
+    return [min(r, key=lambda run: (-len(run), shared[run])).encode("ascii") if r else b"" for r in runs]
 
 
 def _string_buffers(captions: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
+
+T = TypeVar("T")
 
 # manifest column -> source column names, in order of preference (LAION first, then DataComp)
 URL_COLUMNS = ("URL", "url")
@@ -91,6 +97,41 @@ def _find(names: list[str], candidates: tuple[str, ...]) -> str | None:
         if candidate.lower() in lowered:
             return lowered[candidate.lower()]
     return None
+
+
+def prefetch(iterable: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate `iterable` in a background thread, `depth` items ahead (overlaps I/O with matching)."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                items.put(item)
+        except BaseException as exc:  # handed to the consumer, raised there
+            items.put(_Raised(exc))
+        items.put(done)
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                items.get(timeout=0.05)
+
+
+@dataclasses.dataclass
+class _Raised:
+    exc: BaseException
 
 
 def quote_identifier(name: str) -> str:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from curate.errors import CurateError
 from curate.matching import CaptionMatcher
-from curate.metadata import MetadataFile, expand_inputs, inspect_file, stream_rows
+from curate.metadata import MetadataFile, expand_inputs, inspect_file, prefetch, stream_rows
 from curate.tasks import Task, load_task
 from manifests import hashed_subset_rank, staged_output_dir, uid_for_url, write_manifest, write_report
 from manifests.io import MANIFEST_NAME
@@ -142,7 +142,7 @@ def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task,
         for index, source in enumerate(sources, start=1):
             bar.set_postfix_str(f"file {index}/{len(sources)}")
             returned = 0
-            for batch in stream_rows(con, source, BATCH_ROWS):
+            for batch in prefetch(stream_rows(con, source, BATCH_ROWS)):
                 returned += batch.num_rows
                 _match_batch(batch, matcher, filters, task, multi_class, collected)
                 bar.update(batch.num_rows)

@@ -1,0 +1,48 @@
+"""Shared fixtures: small parquet metadata, task files, and a CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def write_task(tmp_path: Path):
+    """Write a YAML task from a dict (or a text task from a list of names); returns its path."""
+
+    def write(data, name: str = "task") -> Path:
+        if isinstance(data, list):
+            path = tmp_path / f"{name}.txt"
+            path.write_text("\n".join(data) + "\n", encoding="utf-8")
+        else:
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_laion(tmp_path: Path):
+    """Write LAION-schema parquet from (url, caption) pairs plus optional extra columns; returns its path."""
+
+    def write(rows, name: str = "part-0.parquet", **extra) -> Path:
+        folder = tmp_path / "meta"
+        folder.mkdir(exist_ok=True)
+        table = {"URL": pa.array([r[0] for r in rows], pa.string()), "TEXT": pa.array([r[1] for r in rows], pa.string())}
+        table.update(extra)
+        path = folder / name
+        pq.write_table(pa.table(table), path)
+        return path
+
+    return write

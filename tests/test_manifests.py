@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.errors import CurateError
+from manifests import (
+    hashed_subset_rank,
+    read_manifest,
+    staged_output_dir,
+    uid_for_synthetic,
+    uid_for_url,
+    write_manifest,
+    write_report,
+)
+
+
+def table(**overrides):
+    data = {"uid": ["a", "b"], "label": [0, 1], "class_name": ["x", "y"], "source": ["retrieved", "synthetic"], "caption": ["c1", "c2"]}
+    data.update(overrides)
+    return pa.table(data)
+
+
+def test_write_conforms_types_and_column_order(tmp_path):
+    t = table().append_column("extra", pa.array([1, 2])).append_column("url", pa.array(["u1", "u2"]))
+    written = write_manifest(t, tmp_path / "manifest.parquet")
+    assert written.column_names == ["uid", "label", "class_name", "source", "caption", "url", "extra"]
+    assert written.schema.field("label").type == pa.int32()
+    assert read_manifest(tmp_path).equals(written)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (table().drop_columns(["label", "caption"]), "missing required column(s): label, caption"),
+        (table(source=["retrieved", "scraped"]), "unknown source value(s) ['scraped']"),
+        (table(label=[0, -1]), "negative label"),
+        (table(uid=["a", None]), "empty values in column 'uid'"),
+        (table(label=["zero", "one"]), "cannot be read as int32"),
+    ],
+)
+def test_validation_errors(tmp_path, bad, message):
+    pq.write_table(bad, tmp_path / "m.parquet")
+    with pytest.raises(CurateError) as error:
+        read_manifest(tmp_path / "m.parquet")
+    assert message in str(error.value)
+
+
+def test_unreadable_and_missing_manifest(tmp_path):
+    (tmp_path / "m.parquet").write_text("nope")
+    with pytest.raises(CurateError, match="cannot read manifest"):
+        read_manifest(tmp_path / "m.parquet")
+    with pytest.raises(CurateError, match="manifest not found"):
+        read_manifest(tmp_path / "missing.parquet")
+
+
+def test_failed_write_leaves_previous_file(tmp_path):
+    path = tmp_path / "m.parquet"
+    write_manifest(table(), path)
+    before = path.read_bytes()
+    with pytest.raises(CurateError):
+        write_manifest(table().drop_columns(["uid"]), path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.parquet"]
+
+
+def test_staged_output_dir_only_appears_on_success(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), staged_output_dir(out) as staging:
+        (staging / "half.txt").write_text("x")
+        raise RuntimeError("boom")
+    assert not out.exists() and os.listdir(tmp_path) == []
+    with staged_output_dir(out) as staging:
+        write_report(staging, {"stage": "test"})
+    assert (out / "report.json").exists()
+    with pytest.raises(CurateError, match="already exists"), staged_output_dir(out):
+        pass
+
+
+def test_uids_are_stable_and_distinct():
+    assert uid_for_url("http://a") == uid_for_url("http://a") != uid_for_url("http://b")
+    assert len(uid_for_url("http://a")) == 32
+    assert uid_for_url("http://a", 3).endswith("-3")
+    assert uid_for_synthetic("t", "cap", 1) != uid_for_synthetic("t", "cap", 2)
+    assert hashed_subset_rank("a", 0) != hashed_subset_rank("a", 1)

@@ -1,0 +1,242 @@
+"""`curate retrieve` end to end: semantics of DESIGN §3 through the real stage and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.cli import cli
+from curate.retrieve import retrieve
+from manifests import read_manifest, uid_for_url
+
+TASK = {"name": "planes", "classes": ["737", "737-800", "A320", {"name": "rose", "require_any": ["flower"]}]}
+
+
+def run(runner, *args):
+    result = runner.invoke(cli, ["retrieve", *args])
+    return result
+
+
+def manifest_rows(out):
+    return pd.read_parquet(out / "manifest.parquet")
+
+
+def test_retrieve_basic_funnel_and_columns(tmp_path, write_task, write_laion, runner):
+    meta = write_laion(
+        [
+            ("u1", "Boeing 737-800 at dawn"),
+            ("u2", "an A320 and a 737 at the gate"),  # ambiguous
+            ("u3", "my A320 photo"),
+            ("u1", "737-800 again, same url"),  # duplicate url
+            (None, "A320 without url"),
+            ("u5", None),
+            ("u6", ""),
+            ("u7", "rose flower"),
+            ("u8", "rose gold"),
+            ("u9", "nothing here"),
+        ],
+        WIDTH=pa.array([100] * 10, pa.int32()),
+        HEIGHT=pa.array([200] * 10, pa.int32()),
+        similarity=pa.array([0.3] * 10, pa.float64()),
+    )
+    out = tmp_path / "out"
+    result = run(runner, "--task", str(write_task(TASK)), "--metadata", str(meta), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = manifest_rows(out)
+    assert rows["url"].tolist() == ["u1", "u3", "u7"]
+    assert rows["class_name"].tolist() == ["737-800", "A320", "rose"]
+    assert rows["label"].tolist() == [1, 2, 3]
+    assert rows["matched_text"].tolist() == ["737-800", "A320", "rose"]
+    assert rows["source"].unique().tolist() == ["retrieved"]
+    assert rows["uid"].tolist() == [uid_for_url(u) for u in ["u1", "u3", "u7"]]
+    assert list(rows.columns[:7]) == ["uid", "label", "class_name", "source", "caption", "url", "matched_text"]
+    assert {"width", "height", "laion_similarity"} <= set(rows.columns)
+    report = json.loads((out / "report.json").read_text())
+    assert report["funnel"] == {
+        "rows_scanned": 10, "skipped_empty": 3, "filtered_quality": 0, "candidates": 6, "matched": 5,
+        "ambiguous": 1, "ambiguous_extra_rows": 0, "duplicates": 1, "capped": 0, "kept": 3,
+    }
+    assert report["per_class"] == {"737": 0, "737-800": 1, "A320": 1, "rose": 1}
+    assert report["task"] == "planes" and "retrieve" in report["command"] and "duckdb" in report["versions"]
+    assert "kept" in result.output and "rows_scanned" in result.output
+
+
+def test_multi_class_duplicate_emits_one_row_per_class(tmp_path, write_task, write_laion):
+    meta = write_laion([("u1", "an A320 and a 737 at the gate"), ("u2", "a 737")])
+    result = retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "o", multi_class="duplicate")
+    rows = manifest_rows(tmp_path / "o")
+    assert rows[["url", "class_name"]].values.tolist() == [["u1", "A320"], ["u1", "737"], ["u2", "737"]]
+    assert rows["uid"].is_unique
+    assert rows["uid"].tolist()[:2] == [uid_for_url("u1", 2), uid_for_url("u1", 0)]
+    assert result.funnel["ambiguous"] == 1 and result.funnel["ambiguous_extra_rows"] == 1
+
+
+def test_files_sorted_by_path_then_row_order_and_first_url_wins(tmp_path, write_task, write_laion):
+    b = write_laion([("dup", "A320 second file"), ("b1", "737 b")], name="b.parquet")
+    a = write_laion([("a1", "737 a"), ("dup", "A320 first file")], name="a.parquet")
+    retrieve(task=write_task(TASK), metadata=[str(b), str(a)], out=tmp_path / "o")
+    rows = manifest_rows(tmp_path / "o")
+    assert rows["url"].tolist() == ["a1", "dup", "b1"]
+    assert rows.loc[rows.url == "dup", "caption"].item() == "A320 first file"
+
+
+def test_globs_and_folders(tmp_path, write_task, write_laion):
+    write_laion([("a", "737")], name="x1.parquet")
+    write_laion([("b", "A320")], name="x2.parquet")
+    result = retrieve(task=write_task(TASK), metadata=[str(tmp_path / "meta" / "x*.parquet")], out=tmp_path / "o1")
+    assert result.funnel["kept"] == 2
+    result = retrieve(task=write_task(TASK), metadata=[str(tmp_path / "meta")], out=tmp_path / "o2")
+    assert result.funnel["kept"] == 2
+
+
+def test_quality_filters(tmp_path, write_task, write_laion):
+    meta = write_laion(
+        [("a", "737"), ("b", "737"), ("c", "737"), ("d", "737"), ("e", "737")],
+        punsafe=pa.array([0.01, 0.9, 0.01, None, 0.01], pa.float32()),
+        pwatermark=pa.array([0.1, 0.1, 0.8, 0.1, 0.1], pa.float32()),
+        WIDTH=pa.array([500, 500, 500, 500, 50], pa.int32()),
+        HEIGHT=pa.array([400, 400, 400, 400, 400], pa.int32()),
+    )
+    result = retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "o",
+                      max_punsafe=0.5, max_pwatermark=0.5, min_side=100)
+    assert manifest_rows(tmp_path / "o")["url"].tolist() == ["a"]
+    assert result.funnel["filtered_quality"] == 4
+
+
+def test_per_class_cap_is_seeded_and_deterministic(tmp_path, write_task, write_laion):
+    meta = write_laion([(f"u{i}", "737" if i % 2 else "A320") for i in range(40)])
+    task = write_task(TASK)
+    picks = []
+    for seed, name in [(1, "a"), (1, "b"), (2, "c")]:
+        result = retrieve(task=task, metadata=[str(meta)], out=tmp_path / name, per_class_cap=5, seed=seed)
+        rows = manifest_rows(tmp_path / name)
+        assert rows.groupby("class_name").size().to_dict() == {"737": 5, "A320": 5}
+        assert result.funnel["capped"] == 30
+        assert rows["url"].map(lambda u: int(u[1:])).is_monotonic_increasing  # input order kept
+        picks.append(rows["url"].tolist())
+    assert picks[0] == picks[1]
+    assert picks[0] != picks[2]
+
+
+def test_two_runs_give_identical_manifest_bytes(tmp_path, write_task, write_laion):
+    meta = write_laion([(f"u{i}", f"photo {i} of a 737-800") for i in range(100)])
+    for name in ("a", "b"):
+        retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / name, per_class_cap=30, seed=3)
+    assert (tmp_path / "a" / "manifest.parquet").read_bytes() == (tmp_path / "b" / "manifest.parquet").read_bytes()
+
+
+def test_datacomp_schema_is_detected(tmp_path, write_task):
+    path = tmp_path / "dc.parquet"
+    pq.write_table(pa.table({
+        "uid": ["x1", "x2"], "url": ["http://a", "http://b"], "text": ["an A320", "no"],
+        "original_width": pa.array([640, 10], pa.int64()), "original_height": pa.array([480, 10], pa.int64()),
+    }), path)
+    retrieve(task=write_task(TASK), metadata=[str(path)], out=tmp_path / "o")
+    rows = manifest_rows(tmp_path / "o")
+    assert rows[["url", "source_uid", "width", "height"]].values.tolist() == [["http://a", "x1", 640, 480]]
+
+
+def test_explicit_columns(tmp_path, write_task):
+    path = tmp_path / "custom.parquet"
+    pq.write_table(pa.table({"link": ["http://a"], "alt": ["A320 gate"]}), path)
+    retrieve(task=write_task(TASK), metadata=[str(path)], out=tmp_path / "o", url_col="link", caption_col="alt")
+    assert manifest_rows(tmp_path / "o")["url"].tolist() == ["http://a"]
+
+
+def test_no_match_writes_an_empty_valid_manifest(tmp_path, write_task, write_laion):
+    meta = write_laion([("a", "nothing")])
+    result = retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "o")
+    assert result.funnel["kept"] == 0
+    assert read_manifest(tmp_path / "o").num_rows == 0
+
+
+def test_manifest_reads_in_duckdb_and_export_formats(tmp_path, write_task, write_laion, runner):
+    meta = write_laion([("http://x/1.jpg", "737 jet"), ("http://x/2.jpg", "A320 jet")])
+    retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "o")
+    count = duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'o' / 'manifest.parquet'}'").fetchall()[0][0]
+    assert count == 2
+    for fmt, name in [("img2dataset", "img2dataset_input.parquet"), ("csv", "manifest.csv"), ("jsonl", "manifest.jsonl")]:
+        result = runner.invoke(cli, ["export", "--manifest", str(tmp_path / "o"), "--format", fmt, "--out", str(tmp_path / fmt)])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / fmt / name).exists()
+    exported = pq.read_table(tmp_path / "img2dataset" / "img2dataset_input.parquet")
+    assert exported.column_names[:2] == ["url", "caption"] and "label" in exported.column_names
+    assert len((tmp_path / "jsonl" / "manifest.jsonl").read_text().splitlines()) == 2
+    assert pd.read_csv(tmp_path / "csv" / "manifest.csv")["class_name"].tolist() == ["737", "A320"]
+
+
+# ---------------------------------------------------------------- bad input, through the CLI
+def assert_clean_failure(result, out, message):
+    assert result.exit_code != 0
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def test_missing_caption_column(tmp_path, write_task, runner):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"URL": ["a"], "words": ["737"]}), path)
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(path), "-o", str(out))
+    assert_clean_failure(result, out, "has no caption column (looked for TEXT, text, caption, CAPTION); name it with --caption-col")
+
+
+def test_named_column_missing(tmp_path, write_task, write_laion, runner):
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(write_laion([("a", "737")])), "-o", str(out), "--url-col", "link")
+    assert_clean_failure(result, out, "has no column 'link'")
+
+
+def test_glob_matching_nothing(tmp_path, write_task, runner):
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(tmp_path / "nope-*.parquet"), "-o", str(out))
+    assert_clean_failure(result, out, "no file matches")
+
+
+@pytest.mark.parametrize("content", [b"not a parquet file at all", b"PAR1" + b"\0" * 64])
+def test_non_parquet_file(tmp_path, write_task, runner, content):
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(path), "-o", str(out))
+    assert_clean_failure(result, out, "is not a readable parquet file")
+
+
+def test_task_with_no_classes(tmp_path, write_task, write_laion, runner):
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task({"name": "x", "classes": []})), "-m", str(write_laion([("a", "b")])), "-o", str(out))
+    assert_clean_failure(result, out, "no classes")
+
+
+def test_existing_output_refused_unless_overwrite(tmp_path, write_task, write_laion, runner):
+    meta, task = write_laion([("a", "737")]), write_task(TASK)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run(runner, "-t", str(task), "-m", str(meta), "-o", str(out))
+    assert result.exit_code != 0 and "already exists (use --overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run(runner, "-t", str(task), "-m", str(meta), "-o", str(out), "--overwrite")
+    assert result.exit_code == 0 and not (out / "keep.txt").exists()
+    assert read_manifest(out).num_rows == 1
+
+
+def test_quality_filter_without_its_column(tmp_path, write_task, write_laion, runner):
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(write_laion([("a", "737")])), "-o", str(out), "--max-punsafe", "0.5")
+    assert_clean_failure(result, out, "needs a 'punsafe' column")
+
+
+def test_failure_midway_leaves_no_output(tmp_path, write_task, write_laion, runner):
+    good = write_laion([("a", "737")], name="a.parquet")
+    (tmp_path / "meta" / "b.parquet").write_bytes(good.read_bytes()[:-40])  # truncated footer
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(tmp_path / "meta"), "-o", str(out))
+    assert_clean_failure(result, out, "b.parquet")

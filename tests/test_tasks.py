@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+
+from curate.cli import cli
+from curate.errors import CurateError
+from curate.tasks import builtin_task_names, load_task
+
+EXPECTED_SIZES = {"fgvc-aircraft": 100, "stanford-cars": 196, "flowers102": 102, "oxford-pets": 37, "imagenet-100": 100, "demo": 5}
+
+
+@pytest.mark.parametrize(("name", "size"), sorted(EXPECTED_SIZES.items()))
+def test_builtin_tasks_load_with_expected_sizes(name, size):
+    task = load_task(name)
+    assert len(task.classes) == size
+    assert task.domain_text and task.templates
+    assert all("{}" in t for t in task.templates)
+    assert len({c.name.casefold() for c in task.classes}) == size
+
+
+def test_builtin_names_listed():
+    assert set(EXPECTED_SIZES) <= set(builtin_task_names())
+
+
+def test_ambiguous_flower_and_pet_names_need_a_domain_word():
+    flowers = {c.name: c for c in load_task("flowers102").classes}
+    assert "flower" in flowers["rose"].require_any
+    pets = {c.name: c for c in load_task("oxford-pets").classes}
+    assert "dog" in pets["Boxer"].require_any
+
+
+def test_yaml_task_with_options(write_task):
+    path = write_task({"name": "t", "domain_text": ["a photo of a flower"], "classes": ["tulip", {"name": "rose", "aliases": ["roses"], "require_any": ["flower"], "exclude": ["rose gold"]}, 707]})
+    task = load_task(path)
+    assert task.class_names == ["tulip", "rose", "707"]
+    assert task.classes[1].terms == ("rose", "roses")
+    assert task.templates == ("a photo of a {}.",)
+
+
+def test_text_task_one_class_per_line(write_task):
+    task = load_task(write_task(["# aircraft", "737-800", "", "  A320  "], name="planes"))
+    assert task.name == "planes"
+    assert task.class_names == ["737-800", "A320"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "t", "classes": []}, "no classes"),
+        ({"name": "t"}, "no classes"),
+        ({"name": "t", "classes": ["Rose", "rose"]}, "duplicate class name 'rose'"),
+        ({"name": "t", "classes": [{"name": "rose", "aliases": [""]}]}, "an entry of 'aliases' is empty"),
+        ({"name": "t", "classes": ["x"], "colour": 1}, "unknown key(s) ['colour']"),
+        ({"name": "t", "classes": [{"name": "x", "alias": ["y"]}]}, "unknown key(s) ['alias']"),
+        ({"name": "t", "classes": ["x"], "templates": ["a photo"]}, "has no '{}' placeholder"),
+        (["# only a comment"], "no classes"),
+    ],
+)
+def test_invalid_tasks_fail_with_one_clear_error(write_task, data, message):
+    with pytest.raises(CurateError) as error:
+        load_task(write_task(data))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_task_name():
+    with pytest.raises(CurateError, match="neither a file nor a builtin task"):
+        load_task("no-such-task")
+
+
+def test_cli_lists_and_shows_tasks(runner):
+    listed = runner.invoke(cli, ["tasks"])
+    assert listed.exit_code == 0
+    assert "fgvc-aircraft" in listed.output and " 100 classes" in listed.output
+    shown = runner.invoke(cli, ["tasks", "show", "demo"])
+    assert shown.exit_code == 0
+    assert "- red circle" in shown.output and "name: demo" in shown.output
