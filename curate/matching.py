@@ -11,9 +11,11 @@ Class names are data: every term is escaped character by character before any pa
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +33,17 @@ _NOT_ALNUM_AFTER = r"(?![^\W_])"
 class Term:
     text: str
     class_index: int
-    finder: re.Pattern  # finds every (possibly overlapping) occurrence; group 1 is the match
+    pattern: re.Pattern
+    word: bool
+
+    def spans(self, caption: str) -> Iterator[tuple[int, int]]:
+        """Every occurrence (overlapping ones too); in word mode only those bounded by non-alphanumerics."""
+        position = 0
+        while match := self.pattern.search(caption, position):
+            start, end = match.span()
+            if not self.word or (_bounded_before(caption, start) and _bounded_after(caption, end)):
+                yield start, end
+            position = start + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +61,7 @@ class CaptionMatcher:
             raise ValueError(f"match mode must be one of {MATCH_MODES}, got {mode!r}")
         self.mode = mode
         self.terms = [
-            Term(text, index, _finder(text, word=mode == "word"))
+            Term(text, index, re.compile(_term_body(text), re.IGNORECASE), word=mode == "word")
             for index, spec in enumerate(classes)
             for text in dict.fromkeys(spec.terms)
         ]
@@ -68,11 +80,7 @@ class CaptionMatcher:
     def classes_in(self, caption: str, term_ids: Iterable[int] | None = None) -> list[ClassHit]:
         """Classes named by `caption` after overlap, require_any and exclude, in order of first mention."""
         ids = range(len(self.terms)) if term_ids is None else term_ids
-        spans = [
-            (m.start(1), m.end(1), self.terms[i].class_index)
-            for i in ids
-            for m in self.terms[i].finder.finditer(caption)
-        ]
+        spans = [(start, end, self.terms[i].class_index) for i in ids for start, end in self.terms[i].spans(caption)]
         first: dict[int, ClassHit] = {}
         for start, end, cls in sorted(_drop_contained(spans), key=lambda span: (span[0], -span[1])):
             if cls not in first and self._allowed(cls, caption):
@@ -100,13 +108,12 @@ def _term_body(term: str) -> str:
     return r"\s+".join(re.escape(part) for part in _WHITESPACE.split(term.strip()))
 
 
-def _finder(term: str, word: bool) -> re.Pattern:
-    body = _term_body(term)
-    if word:
-        body = f"{_NOT_ALNUM_BEFORE}(?=({body}){_NOT_ALNUM_AFTER})"
-    else:
-        body = f"(?=({body}))"
-    return re.compile(body, re.IGNORECASE)
+def _bounded_before(text: str, start: int) -> bool:
+    return start == 0 or not text[start - 1].isalnum()
+
+
+def _bounded_after(text: str, end: int) -> bool:
+    return end == len(text) or not text[end].isalnum()
 
 
 def _any_word(words: Sequence[str]) -> re.Pattern | None:
@@ -127,10 +134,12 @@ class _HyperscanPrefilter:
 
     name = "hyperscan"
 
-    def __init__(self, terms: list[str]):
+    def __init__(self, terms: list[str], threads: int | None = None):
         import hyperscan
 
         self._hs = hyperscan
+        self._threads = max(1, threads or os.cpu_count() or 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads) if self._threads > 1 else None
         ascii_keys: dict[bytes, list[int]] = {}
         unicode_keys: dict[bytes, list[int]] = {}
         for term_id, (term, key) in enumerate(zip(terms, _ascii_keys(terms))):
@@ -148,28 +157,39 @@ class _HyperscanPrefilter:
     def _compile(self, keys: dict[bytes, list[int]], flags: int, literal: bool):
         database = self._hs.Database(mode=self._hs.HS_MODE_BLOCK)
         database.compile(expressions=list(keys), ids=list(range(len(keys))), flags=flags, literal=literal)
-        return database, self._hs.Scratch(database), list(keys.values())
+        scratches = [self._hs.Scratch(database) for _ in range(self._threads)]
+        return database, scratches, list(keys.values())
 
     def candidates(self, captions: pa.Array) -> dict[int, set[int] | None]:
         offsets, data = _string_buffers(captions)
         if data is None or offsets[-1] == offsets[0]:
             return {}
-        base = int(offsets[0])
-        block = data.slice(base, int(offsets[-1]) - base)
+        # contiguous row ranges scanned in parallel (Hyperscan releases the GIL while it scans)
+        bounds = np.linspace(0, len(offsets) - 1, self._threads + 1).astype(np.int64)
+        parts = [(int(offsets[lo]), int(offsets[hi])) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
         found: dict[int, set[int] | None] = {}
-        for database, scratch, term_ids in self._databases:
-            ends: list[int] = []
-            keys: list[int] = []
-
-            def on_match(key_id, _start, end, _flags, _ctx):
-                ends.append(end)
-                keys.append(key_id)
-
-            database.scan(block, match_event_handler=on_match, scratch=scratch)
-            rows = np.searchsorted(offsets - base, np.asarray(ends, dtype=np.int64), side="left") - 1
-            for row, key_id in zip(rows.tolist(), keys):
-                found.setdefault(row, set()).update(term_ids[key_id])
+        for database, scratches, term_ids in self._databases:
+            jobs = [(database, scratches[i], data, start, end) for i, (start, end) in enumerate(parts)]
+            for ends, keys in self._pool.map(_scan_block, jobs) if len(jobs) > 1 else map(_scan_block, jobs):
+                rows = np.searchsorted(offsets, ends, side="left") - 1
+                for row, key_id in zip(rows.tolist(), keys):
+                    found.setdefault(row, set()).update(term_ids[key_id])
         return found
+
+
+def _scan_block(job) -> tuple[np.ndarray, list[int]]:
+    """Scan data[start:end] with one database; (absolute match end offsets, key ids)."""
+    database, scratch, data, start, end = job
+    ends: list[int] = []
+    keys: list[int] = []
+
+    def on_match(key_id, _start, match_end, _flags, _ctx):
+        ends.append(match_end)
+        keys.append(key_id)
+
+    if end > start:
+        database.scan(data.slice(start, end - start), match_event_handler=on_match, scratch=scratch)
+    return np.asarray(ends, dtype=np.int64) + start, keys
 
 
 class _ArrowRegexPrefilter:

@@ -139,16 +139,44 @@ def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def stream_rows(con, source: MetadataFile, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Stream a file's non-empty rows (URL and caption present and non-empty) as Arrow batches, in file order."""
-    select = ", ".join(f"{quote_identifier(col)} AS {quote_identifier(name)}" for name, col in source.columns.items())
+def stream_captions(con, source: MetadataFile, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Stream (row, caption) of a file's rows with a non-empty caption, in file order (row = file row number)."""
+    caption = quote_identifier(source.columns["caption"])
+    query = f"SELECT file_row_number AS row, {caption} AS caption FROM read_parquet($path, file_row_number=true) WHERE {caption} <> ''"
+    yield from _run(con, query, source.path, lambda relation: relation.to_arrow_reader(batch_rows))
+
+
+def fetch_rows(con, source: MetadataFile, rows: Sequence[int]) -> pa.Table:
+    """The url and carried columns of the given file rows (ascending row numbers), as a table with `row`."""
+    select = ", ".join(f"{quote_identifier(col)} AS {quote_identifier(name)}" for name, col in source.columns.items() if name != "caption")
+    wanted = pa.table({"n": pa.array(rows, pa.int64())})  # noqa: F841 -- DuckDB reads the local Arrow table by name
     query = (
-        f"SELECT {select} FROM read_parquet($path) "
-        f"WHERE {quote_identifier(source.columns['url'])} <> '' AND {quote_identifier(source.columns['caption'])} <> ''"
+        f"SELECT file_row_number AS row, {select} FROM read_parquet($path, file_row_number=true) "
+        "WHERE file_row_number IN (SELECT n FROM wanted) ORDER BY file_row_number"
     )
+    con.register("wanted", wanted)
+    try:
+        return _run(con, query, source.path, lambda relation: relation.to_arrow_table())
+    finally:
+        con.unregister("wanted")
+
+
+def _run(con, query: str, path: str, fetch):
     import duckdb
 
     try:
-        yield from con.sql(query, params={"path": source.path}).to_arrow_reader(batch_rows)
+        result = fetch(con.sql(query, params={"path": path}))
+        if isinstance(result, pa.Table):
+            return result
+        return _guarded(result, path)
     except duckdb.Error as exc:
-        raise CurateError(f"cannot read {source.path}: {str(exc).splitlines()[0]}") from None
+        raise CurateError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _guarded(reader, path: str) -> Iterator[pa.RecordBatch]:
+    import duckdb
+
+    try:
+        yield from reader
+    except (duckdb.Error, pa.ArrowException) as exc:
+        raise CurateError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None

@@ -21,16 +21,16 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from curate.errors import CurateError
-from curate.matching import CaptionMatcher
-from curate.metadata import MetadataFile, expand_inputs, inspect_file, prefetch, stream_rows
+from curate.matching import CaptionMatcher, ClassHit
+from curate.metadata import MetadataFile, expand_inputs, fetch_rows, inspect_file, prefetch, stream_captions
 from curate.tasks import Task, load_task
 from manifests import hashed_subset_rank, staged_output_dir, uid_for_url, write_manifest, write_report
 from manifests.io import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 BATCH_ROWS = 1 << 20
-FUNNEL_KEYS = ("rows_scanned", "skipped_empty", "filtered_quality", "candidates", "matched", "ambiguous",
-               "ambiguous_extra_rows", "duplicates", "capped", "kept")
+FUNNEL_KEYS = ("rows_scanned", "skipped_empty", "candidates", "matched", "ambiguous", "ambiguous_extra_rows",
+               "filtered_quality", "duplicates", "capped", "kept")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,59 +134,75 @@ def _check_filter_columns(sources: list[MetadataFile], filters: QualityFilters) 
 def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task, multi_class: str, threads) -> _Collected:
     import duckdb
 
-    config = {"threads": threads or os.cpu_count() or 1}
     collected = _Collected()
-    with duckdb.connect(config=config) as con, tqdm(
+    with duckdb.connect(config={"threads": threads or os.cpu_count() or 1}) as con, tqdm(
         total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None
     ) as bar:
         for index, source in enumerate(sources, start=1):
             bar.set_postfix_str(f"file {index}/{len(sources)}")
-            returned = 0
-            for batch in prefetch(stream_rows(con, source, BATCH_ROWS)):
-                returned += batch.num_rows
-                _match_batch(batch, matcher, filters, task, multi_class, collected)
-                bar.update(batch.num_rows)
-            collected.funnel["rows_scanned"] += source.num_rows
-            collected.funnel["skipped_empty"] += source.num_rows - returned
-            bar.update(source.num_rows - returned)
+            rows, captions, hits = _match_file(con, source, matcher, collected.funnel, bar)
+            if rows:
+                details = fetch_rows(con, source, rows).append_column("caption", pa.array(captions, pa.string()))
+                _collect(details, hits, filters, task, multi_class, collected)
     return collected
 
 
-def _match_batch(batch: pa.RecordBatch, matcher, filters, task, multi_class, collected: _Collected) -> None:
-    keep = quality_mask(batch, filters)
-    if keep is not None:
-        before = batch.num_rows
-        batch = batch.filter(keep)
-        collected.funnel["filtered_quality"] += before - batch.num_rows
-    candidates = matcher.candidates(batch.column("caption"))
-    collected.funnel["candidates"] += len(candidates)
-    if not candidates:
-        return
-    rows = sorted(candidates)
-    sub = batch.take(pa.array(rows, type=pa.int64()))
-    captions = sub.column("caption").to_pylist()
-    urls = sub.column("url").to_pylist()
-    take, labels, texts = [], [], []
-    for i, (caption, url) in enumerate(zip(captions, urls)):
-        hits = matcher.classes_in(caption, candidates[rows[i]])
-        if not hits:
+def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict, bar) -> tuple[list[int], list[str], list]:
+    """Pass 1 over a file's captions: the row numbers that name a class, their captions and class hits."""
+    rows: list[int] = []
+    captions: list[str] = []
+    hits: list[list[ClassHit]] = []
+    returned = 0
+    for batch in prefetch(stream_captions(con, source, BATCH_ROWS)):
+        returned += batch.num_rows
+        bar.update(batch.num_rows)
+        candidates = matcher.candidates(batch.column("caption"))
+        funnel["candidates"] += len(candidates)
+        if not candidates:
             continue
-        collected.funnel["matched"] += 1
-        if len(hits) > 1:
-            collected.funnel["ambiguous"] += 1
+        order = sorted(candidates)
+        sub = batch.take(pa.array(order, type=pa.int64()))
+        for index, row, caption in zip(order, sub.column("row").to_pylist(), sub.column("caption").to_pylist()):
+            found = matcher.classes_in(caption, candidates[index])
+            if found:
+                rows.append(row)
+                captions.append(caption)
+                hits.append(found)
+    funnel["rows_scanned"] += source.num_rows
+    funnel["skipped_empty"] += source.num_rows - returned
+    bar.update(source.num_rows - returned)
+    return rows, captions, hits
+
+
+def _collect(details: pa.Table, hits: list, filters: QualityFilters, task: Task, multi_class: str, collected: _Collected) -> None:
+    """Pass 2 over a file's matched rows: ambiguity, empty URL, quality filters, URL de-duplication."""
+    funnel = collected.funnel
+    funnel["matched"] += len(hits)
+    passes = quality_mask(details, filters)
+    passes = [True] * details.num_rows if passes is None else passes.to_pylist()
+    take, labels, texts = [], [], []
+    for i, (url, found, ok) in enumerate(zip(details.column("url").to_pylist(), hits, passes)):
+        if len(found) > 1:
+            funnel["ambiguous"] += 1
             if multi_class == "drop":
                 continue
-            collected.funnel["ambiguous_extra_rows"] += len(hits) - 1
+        if not url:
+            funnel["skipped_empty"] += 1
+            continue
+        if not ok:
+            funnel["filtered_quality"] += 1
+            continue
         if url in collected.seen_urls:
-            collected.funnel["duplicates"] += 1
+            funnel["duplicates"] += 1
             continue
         collected.seen_urls.add(url)
-        for hit in hits:
+        funnel["ambiguous_extra_rows"] += len(found) - 1
+        for hit in found:
             take.append(i)
             labels.append(hit.class_index)
             texts.append(hit.matched_text)
     if take:
-        collected.tables.append(_rows_table(sub, take, labels, texts, task, duplicated=len(take) != len(set(take))))
+        collected.tables.append(_rows_table(details, take, labels, texts, task))
 
 
 def quality_mask(batch: pa.RecordBatch, filters: QualityFilters) -> pa.BooleanArray | None:
@@ -207,13 +223,12 @@ def quality_mask(batch: pa.RecordBatch, filters: QualityFilters) -> pa.BooleanAr
     return mask.fill_null(False)
 
 
-def _rows_table(sub: pa.RecordBatch, take, labels, texts, task: Task, duplicated: bool) -> pa.Table:
-    rows = pa.Table.from_batches([sub]).take(pa.array(take, type=pa.int64()))
+def _rows_table(details: pa.Table, take: list[int], labels: list[int], texts: list[str], task: Task) -> pa.Table:
+    """Manifest rows: one per (matched row, class); a URL emitted for several classes gets per-label uids."""
+    rows = details.take(pa.array(take, type=pa.int64())).drop_columns(["row"])
+    repeated = {i for i in take if take.count(i) > 1} if len(set(take)) != len(take) else set()
     urls = rows.column("url").to_pylist()
-    counts: dict[str, int] = {}
-    for url in urls:
-        counts[url] = counts.get(url, 0) + 1
-    uids = [uid_for_url(u, label if counts[u] > 1 else None) for u, label in zip(urls, labels)]
+    uids = [uid_for_url(u, label if i in repeated else None) for u, label, i in zip(urls, labels, take)]
     names = task.class_names
     columns = {
         "uid": pa.array(uids, pa.string()),

@@ -58,7 +58,7 @@ def test_retrieve_basic_funnel_and_columns(tmp_path, write_task, write_laion, ru
     assert {"width", "height", "laion_similarity"} <= set(rows.columns)
     report = json.loads((out / "report.json").read_text())
     assert report["funnel"] == {
-        "rows_scanned": 10, "skipped_empty": 3, "filtered_quality": 0, "candidates": 6, "matched": 5,
+        "rows_scanned": 10, "skipped_empty": 3, "filtered_quality": 0, "candidates": 7, "matched": 6,
         "ambiguous": 1, "ambiguous_extra_rows": 0, "duplicates": 1, "capped": 0, "kept": 3,
     }
     assert report["per_class"] == {"737": 0, "737-800": 1, "A320": 1, "rose": 1}
