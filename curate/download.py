@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +232,9 @@ def _remove_partial_shards(data_dir: Path, shard_names: list[str], done: set[str
 def _run_img2dataset(input_path: Path, data_dir: Path, options: dict[str, Any]) -> dict[str, float]:
     """Call img2dataset's `download`; its prints go to stderr, its SIGINT handler is undone after."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
-    from img2dataset import download as img2dataset_download
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # img2dataset imports imghdr
+        from img2dataset import download as img2dataset_download
 
     log.info("img2dataset: %d process(es) x %d threads into %s", options["processes_count"], options["thread_count"], data_dir)
     main_thread = threading.current_thread() is threading.main_thread()
