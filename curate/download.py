@@ -48,6 +48,7 @@ FAILED_NAME = "failed.parquet"
 IMAGE_COLUMNS = ("image_path", "shard", "key", "sha256", "image_width", "image_height")
 _RESULT_COLUMNS = ["uid", "key", "status", "error_message", "width", "height", "sha256"]
 _ROW = "__row"
+_PARAMETER = {"processes_count": "processes", "thread_count": "threads"}  # img2dataset name -> ours
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,7 @@ class DownloadResult:
 def download(
     manifest: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     processes: int = 1,
     threads: int = 16,
     image_size: int = 256,
@@ -99,16 +101,21 @@ def download(
     interrupted run and re-running the same command resumes it (`resume=True`), fetching only the
     unfinished shards; the rows and the shard-shaping options (image size, resize mode, encode and
     output format, samples per shard) must be the same, else it is refused (use `overwrite`).
-    `overwrite` deletes OUT first.
+    `overwrite` deletes OUT first. Rows without a URL are not sent; they are listed as failed.
 
     Returns a DownloadResult. The output manifest has one row per image that arrived, in input
     order, every input column plus `image_path` (files) or `shard` + `key` (webdataset, paths
     relative to OUT), `sha256` (of the downloaded bytes), `image_width`/`image_height` (as saved).
+
+    img2dataset starts worker processes with 'spawn': a script calling this must do so under
+    `if __name__ == "__main__":`. Ctrl-C raises KeyboardInterrupt (img2dataset would exit 0).
     """
     start = time.perf_counter()
-    options = _img2dataset_options(
-        processes, threads, image_size, resize_mode, encode_format, output_format, number_sample_per_shard, timeout, retries
-    )
+    options = _img2dataset_options({
+        "processes_count": processes, "thread_count": threads, "image_size": image_size,
+        "resize_mode": resize_mode, "encode_format": encode_format, "output_format": output_format,
+        "number_sample_per_shard": number_sample_per_shard, "timeout": timeout, "retries": retries,
+    })
     table = _read_input(Path(manifest))
     sendable = table.filter(_has_url(table))
     out = Path(out)
@@ -124,42 +131,41 @@ def download(
     results = _collect_results(data_dir, shard_names, sendable.num_rows)
     downloaded, failed = _split_results(table, results, output_format, encode_format)
     report = _report(table, downloaded, failed, results, manifest, options, resumed)
-    report["shards"] = {"total": len(shard_names), "skipped": len(done_before), "samples_per_shard": number_sample_per_shard}
+    report["shards"] = {
+        "total": len(shard_names), "skipped": len(done_before), "samples_per_shard": number_sample_per_shard,
+    }
     report["throughput"] = _throughput(data_dir, [s for s in shard_names if s not in done_before], timing)
     report["seconds"] = round(time.perf_counter() - start, 3)
     _finish(out, downloaded, failed, report)
-    return DownloadResult(out, table.num_rows, downloaded.num_rows, failed.num_rows, report["seconds"], len(shard_names), len(done_before))
+    return DownloadResult(
+        out, table.num_rows, downloaded.num_rows, failed.num_rows, report["seconds"], len(shard_names), len(done_before)
+    )
 
 
-def _img2dataset_options(processes, threads, image_size, resize_mode, encode_format, output_format, per_shard, timeout, retries):
-    checks = {
-        "processes": processes >= 1, "threads": threads >= 1, "image_size": image_size >= 1,
-        "samples per shard": per_shard >= 1, "timeout": timeout > 0, "retries": retries >= 0,
-    }
-    bad = [name for name, ok in checks.items() if not ok]
+def _img2dataset_options(chosen: dict[str, Any]) -> dict[str, Any]:
+    """Check the user's options (img2dataset names) and add the fixed ones curate relies on."""
+    minimum = {"processes_count": 1, "thread_count": 1, "image_size": 1, "number_sample_per_shard": 1,
+               "timeout": 1, "retries": 0}
+    bad = [_PARAMETER.get(name, name) for name, low in minimum.items() if chosen[name] < low]
     if bad:
         raise CurateError(f"download option(s) out of range: {', '.join(bad)}")
-    for name, value, choices in (
-        ("resize mode", resize_mode, RESIZE_MODES),
-        ("encode format", encode_format, ENCODE_FORMATS),
-        ("output format", output_format, tuple(DATA_FOLDERS)),
-    ):
-        if value not in choices:
-            raise CurateError(f"unknown {name} '{value}'; choose one of {', '.join(choices)}")
+    for name, choices in (("resize_mode", RESIZE_MODES), ("encode_format", ENCODE_FORMATS),
+                          ("output_format", tuple(DATA_FOLDERS))):
+        if chosen[name] not in choices:
+            raise CurateError(f"unknown {name.replace('_', ' ')} '{chosen[name]}'; choose one of {', '.join(choices)}")
     return {
-        "processes_count": processes, "thread_count": threads, "image_size": image_size,
-        "resize_mode": resize_mode, "encode_format": encode_format, "output_format": output_format,
-        "number_sample_per_shard": per_shard, "timeout": timeout, "retries": retries,
-        "input_format": "parquet", "url_col": "url", "caption_col": "caption", "save_additional_columns": ["uid"],
-        "extract_exif": False, "compute_hash": "sha256", "enable_wandb": False,
-        "incremental_mode": "incremental", "distributor": "multiprocessing",
+        **chosen, "input_format": "parquet", "url_col": "url", "caption_col": "caption",
+        "save_additional_columns": ["uid"], "extract_exif": False, "compute_hash": "sha256",
+        "enable_wandb": False, "incremental_mode": "incremental", "distributor": "multiprocessing",
     }
 
 
 def _read_input(manifest: Path) -> pa.Table:
     table = read_manifest(manifest)
     if "url" not in table.column_names:
-        raise CurateError(f"manifest {manifest} has no 'url' column: download needs a retrieved manifest (curate retrieve)")
+        raise CurateError(
+            f"manifest {manifest} has no 'url' column: download needs a retrieved manifest (curate retrieve)"
+        )
     if pc.count_distinct(table.column("uid")).as_py() != table.num_rows:
         raise CurateError(f"manifest {manifest} has duplicate uids; uid is the join key of the download")
     carried = [c for c in table.column_names if c not in IMAGE_COLUMNS]  # replaced by this download
@@ -204,7 +210,9 @@ def _check_resumable(out: Path, fingerprint: str, resume: bool) -> None:
     try:
         state = json.loads((out / STATE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise CurateError(f"output directory {out} already exists and is not a download folder (use --overwrite)") from None
+        raise CurateError(
+            f"output directory {out} already exists and is not a download folder (use --overwrite)"
+        ) from None
     if not resume:
         raise CurateError(f"output directory {out} holds an interrupted download (resume it, or use --overwrite)")
     if state.get("fingerprint") != fingerprint:
@@ -236,7 +244,9 @@ def _run_img2dataset(input_path: Path, data_dir: Path, options: dict[str, Any]) 
         warnings.simplefilter("ignore", DeprecationWarning)  # img2dataset imports imghdr
         from img2dataset import download as img2dataset_download
 
-    log.info("img2dataset: %d process(es) x %d threads into %s", options["processes_count"], options["thread_count"], data_dir)
+    log.info(
+        "img2dataset: %d process(es) x %d threads into %s", options["processes_count"], options["thread_count"], data_dir
+    )
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main_thread else None
     start = time.perf_counter()
@@ -263,8 +273,10 @@ def _collect_results(data_dir: Path, shard_names: list[str], expected_rows: int)
     for name in shard_names:
         part = pq.read_table(data_dir / f"{name}.parquet", columns=_RESULT_COLUMNS)
         tables.append(part.append_column("shard_name", pa.array([name] * part.num_rows, pa.string())))
-    schema = pa.schema([("uid", pa.string()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-                        ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("shard_name", pa.string())])
+    schema = pa.schema([
+        ("uid", pa.string()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
+        ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("shard_name", pa.string()),
+    ])
     results = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
     if results.num_rows != expected_rows:
         raise CurateError(
@@ -273,7 +285,9 @@ def _collect_results(data_dir: Path, shard_names: list[str], expected_rows: int)
     return results
 
 
-def _split_results(table: pa.Table, results: pa.Table, output_format: str, encode_format: str) -> tuple[pa.Table, pa.Table]:
+def _split_results(
+    table: pa.Table, results: pa.Table, output_format: str, encode_format: str
+) -> tuple[pa.Table, pa.Table]:
     """(the output manifest rows that arrived, the failed rows), both in input order."""
     joined = results.join(table.select(["uid", _ROW]), keys="uid", join_type="inner").sort_by(_ROW)
     if joined.num_rows != results.num_rows:
@@ -373,7 +387,8 @@ def _input_task(manifest: Path) -> Any:
 def _finish(out: Path, downloaded: pa.Table, failed: pa.Table, report: dict[str, Any]) -> None:
     """failed.parquet and report.json, then manifest.parquet last (the finished marker)."""
     _write_parquet(failed, out / FAILED_NAME)
-    report["files"] = {"manifest": MANIFEST_NAME, "failed": FAILED_NAME, "images": DATA_FOLDERS[report["img2dataset"]["output_format"]]}
+    images = DATA_FOLDERS[report["img2dataset"]["output_format"]]
+    report["files"] = {"manifest": MANIFEST_NAME, "failed": FAILED_NAME, "images": images}
     write_report(out, report)
     write_manifest(downloaded, out / MANIFEST_NAME)
     with contextlib.suppress(FileNotFoundError):

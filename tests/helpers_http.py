@@ -13,6 +13,7 @@ import functools
 import http.server
 import io
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,22 +45,39 @@ class RequestLog:
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     log: RequestLog
+    delay: float = 0.0
 
     def do_GET(self) -> None:  # noqa: N802 (http.server API)
         self.log.add(self.path)
+        if self.delay:
+            time.sleep(self.delay)
         super().do_GET()
 
     def log_message(self, format, *args) -> None:  # noqa: A002 - silence the access log
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up (an interrupted download) is not an error of the server."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
-def serve_images(directory: str | Path) -> Iterator[tuple[str, RequestLog]]:
-    """Serve `directory` over HTTP on 127.0.0.1 (a random free port) in a background thread."""
+def serve_images(directory: str | Path, delay: float = 0.0) -> Iterator[tuple[str, RequestLog]]:
+    """Serve `directory` over HTTP on 127.0.0.1 (a random free port) in a background thread.
+
+    `delay`: seconds each request waits before it is answered (a slow server).
+    """
     log = RequestLog()
-    handler = functools.partial(type("Handler", (_QuietHandler,), {"log": log}), directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    handler_class = type("Handler", (_QuietHandler,), {"log": log, "delay": delay})
+    handler = functools.partial(handler_class, directory=str(directory))
+    server = _Server(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)
     thread.start()
     try:

@@ -230,3 +230,53 @@ def test_interrupted_output_with_no_resume_is_refused(source_manifest, tmp_path)
     (out / "download_state.json").write_text(json.dumps({"stage": "download", "fingerprint": "x"}))
     result = _cli(*_download_args(source_manifest[0], out, "--no-resume"))
     assert result.exit_code == 2 and "holds an interrupted download (resume it, or use --overwrite)" in result.stderr
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_only_missing_shards(tmp_path):
+    """Ctrl-C (SIGINT) a real `curate download` after its first shard; the re-run fetches only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow as pa
+
+    (tmp_path / "www").mkdir()
+    for i in range(20):
+        write_image(tmp_path / "www" / f"{i}.jpg", COLORS[i % 3])
+    with serve_images(tmp_path / "www", delay=0.25) as (base_url, log):
+        urls = [f"{base_url}/{i}.jpg" for i in range(20)]
+        write_manifest(pa.table({"uid": [uid_for_url(u) for u in urls], "label": [i % 3 for i in range(20)],
+                                 "class_name": [CLASSES[i % 3] for i in range(20)], "source": ["retrieved"] * 20,
+                                 "caption": ["c"] * 20, "url": urls}), tmp_path / "m.parquet")
+        out = tmp_path / "out"
+        args = ["download", "--manifest", str(tmp_path / "m.parquet"), "--out", str(out), "--threads", "1",
+                "--samples-per-shard", "5", "--image-size", "16"]
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        process = subprocess.Popen([sys.executable, "-m", "curate.cli", *args], cwd=root, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not (out / "images" / "00000_stats.json").exists() and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 1 and "\nAborted!\n" in stderr.decode(), stderr.decode()[-2000:]
+        assert not (out / "manifest.parquet").exists()
+        done = sorted(p.name[:5] for p in (out / "images").glob("*_stats.json"))
+        assert 1 <= len(done) < 4
+        first_requests = set(log.paths)
+
+        log.clear()
+        result = _cli(*args[1:])
+        assert result.exit_code == 0, result.output
+        unfinished = [u for i, u in enumerate(urls) if f"{i // 5:05d}" not in done]
+        assert sorted(log.paths) == sorted(u.replace(base_url, "") for u in unfinished)
+        assert {u.replace(base_url, "") for u in urls} - set(log.paths) <= first_requests
+        manifest = read_manifest(out)
+        assert manifest.column("uid").to_pylist() == [uid_for_url(u) for u in urls]
+        assert all((out / p).exists() for p in manifest.column("image_path").to_pylist())
+        assert len(list((out / "images").rglob("*.jpg"))) == 20
