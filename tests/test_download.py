@@ -166,6 +166,19 @@ def test_resume_fetches_only_the_unfinished_shard(server, source_manifest, files
     assert report["throughput"]["urls"] == len(shard_1)
 
 
+def test_all_shards_done_but_no_manifest_rebuilds_without_fetching(server, source_manifest, files_run, tmp_path):
+    _, _, log = server
+    out = tmp_path / "crashed-at-the-end"
+    shutil.copytree(files_run[0], out)
+    (out / "manifest.parquet").unlink()
+    log.clear()
+    result = _cli(*_download_args(source_manifest[0], out))
+    assert result.exit_code == 0, result.output
+    assert log.paths == []
+    assert read_manifest(out).to_pylist() == read_manifest(files_run[0]).to_pylist()
+    assert read_report(out)["shards"]["skipped"] == 4
+
+
 def test_finished_output_is_refused_without_overwrite(source_manifest, files_run):
     out, _, _ = files_run
     before = (out / "manifest.parquet").stat().st_mtime_ns
@@ -180,7 +193,9 @@ def test_finished_output_is_refused_without_overwrite(source_manifest, files_run
 
 def test_webdataset_output_matches_files_output(source_manifest, files_run, tmp_path):
     out = tmp_path / "wds"
-    result = _cli(*_download_args(source_manifest[0], out, "--output-format", "webdataset"))
+    out.mkdir()
+    (out / "manifest.parquet").write_bytes(b"a finished earlier download")  # replaced thanks to --overwrite
+    result = _cli(*_download_args(source_manifest[0], out, "--output-format", "webdataset", "--overwrite"))
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     files_manifest = read_manifest(files_run[0])
