@@ -118,6 +118,41 @@ def export(manifest: str, fmt: str, out: str, overwrite: bool) -> None:
     click.echo(export_manifest(manifest=manifest, fmt=fmt, out=out, overwrite=overwrite))
 
 
+# ---------------------------------------------------------------- download
+@cli.command(context_settings=CONTEXT)
+@click.option("--manifest", "-m", required=True, type=click.Path(), help="Manifest with a url column (or its folder).")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (images, manifest.parquet, report.json).")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Download processes.")
+@click.option("--threads", type=click.IntRange(min=1), default=16, show_default=True, help="Download threads per process.")
+@click.option("--image-size", type=click.IntRange(min=1), default=256, show_default=True, help="Saved image size (px).")
+@click.option("--resize-mode", type=click.Choice(["border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"]),
+              default="border", show_default=True, help="img2dataset resize mode.")
+@click.option("--encode-format", type=click.Choice(["jpg", "png", "webp"]), default="jpg", show_default=True,
+              help="Format the images are saved in.")
+@click.option("--output-format", type=click.Choice(["files", "webdataset"]), default="files", show_default=True,
+              help="files: OUT/images/<shard>/<key>.jpg; webdataset: OUT/shards/<shard>.tar")
+@click.option("--samples-per-shard", "number_sample_per_shard", type=click.IntRange(min=1), default=10000,
+              show_default=True, help="Rows per img2dataset shard (the unit of resuming).")
+@click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True, help="Seconds per URL.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True, help="Retries per failed URL.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Resume an interrupted download in OUT (the finished shards are kept).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing output folder first.")
+def download(**options) -> None:
+    """Download the images of a manifest with img2dataset; resumable.
+
+    Re-running the same command after an interruption fetches only the unfinished shards.
+    OUT/manifest.parquet lists the images that arrived, OUT/failed.parquet the rows that did not.
+
+    \b
+    Example:
+      curate download --manifest aircraft-filtered/manifest.parquet --out aircraft-images --processes 4 --threads 64
+    """
+    from curate.download import download as run_download
+
+    click.echo(run_download(**options).summary())
+
+
 # ---------------------------------------------------------------- demo
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", "-o", type=click.Path(), default=None, help="Folder for the demo run (default: a temp folder).")

@@ -8,6 +8,7 @@ export leaves nothing behind.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,10 +17,15 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
+from manifests.images import iter_images
 from manifests.io import read_manifest, staged_output_dir, write_report
 
 Exporter = Callable[[pa.Table, Path, Path], list[str]]
 IMG2DATASET_FILE = "img2dataset_input.parquet"
+SAMPLES_PER_TAR = 10_000
+CLASSES_FILE = "classes.txt"
+_LOCATION_COLUMNS = ("image_path", "shard", "key")
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 
 
 def export_img2dataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
@@ -50,10 +56,74 @@ def export_jsonl(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
     return ["manifest.jsonl"]
 
 
+def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
+    """Tar shards (webdataset's ShardWriter, SAMPLES_PER_TAR per tar): per sample `__key__` = uid,
+    the image bytes under their extension (as stored), `cls` = label, `txt` = caption and `json` =
+    the row's other columns (uid and class_name included)."""
+    import webdataset as wds
+
+    pattern = str(out).replace("%", "%%") + "/shard-%06d.tar"
+    keys: set[str] = set()
+    with wds.ShardWriter(pattern, maxcount=SAMPLES_PER_TAR, verbose=0) as sink:
+        for row, data, ext in iter_images(table, manifest_dir):
+            key = _unique(_safe_name(str(row["uid"]).replace(".", "_")), keys, row)
+            meta = {k: v for k, v in row.items() if k not in ("label", "caption", *_LOCATION_COLUMNS)}
+            sample = {"__key__": key, ext: data, "cls": row["label"], "txt": row["caption"] or ""}
+            sink.write({**sample, "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")})
+    return sorted(path.name for path in out.glob("shard-*.tar"))
+
+
+def export_imagefolder(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
+    """OUT/<class folder>/<uid>.<ext> with the image bytes as stored, and classes.txt
+    (`label<TAB>class_name<TAB>folder` per class, by label). Folder names are the class names made
+    safe for file systems; torchvision's ImageFolder numbers folders in sorted order, so map its
+    indices back to labels through classes.txt."""
+    folders = _class_folders(table)
+    lines = [f"{label}\t{name}\t{folder}" for (label, name), folder in sorted(folders.items())]
+    (out / CLASSES_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    for folder in folders.values():
+        (out / folder).mkdir()
+    written: set[str] = set()
+    for row, data, ext in iter_images(table, manifest_dir):
+        folder = folders[(row["label"], row["class_name"])]
+        name = _unique(f"{folder}/{_safe_name(str(row['uid']))}.{ext}", written, row)
+        (out / name).write_bytes(data)
+    return [CLASSES_FILE, *sorted(f"{folder}/" for folder in folders.values())]
+
+
+def _class_folders(table: pa.Table) -> dict[tuple[int, str], str]:
+    """(label, class_name) -> a distinct, file-system-safe folder name."""
+    pairs = table.select(["label", "class_name"]).group_by(["label", "class_name"]).aggregate([]).to_pylist()
+    folders: dict[tuple[int, str], str] = {}
+    taken: set[str] = set()
+    for pair in sorted(pairs, key=lambda p: (p["label"], p["class_name"])):
+        folder = _safe_name(pair["class_name"]) or f"class_{pair['label']}"
+        while folder.casefold() in taken:
+            folder = f"{folder}_{pair['label']}"
+        taken.add(folder.casefold())
+        folders[(pair["label"], pair["class_name"])] = folder
+    return folders
+
+
+def _safe_name(name: str, max_bytes: int = 200) -> str:
+    """`name` usable as one path component: separators, reserved and control characters become '_'."""
+    safe = _UNSAFE.sub("_", name).strip(" .")
+    return safe.encode("utf-8")[:max_bytes].decode("utf-8", "ignore").rstrip(" .")
+
+
+def _unique(name: str, seen: set[str], row: dict) -> str:
+    if name in seen:
+        raise CurateError(f"two rows map to the same exported name '{name}' (uid {row['uid']}): uids must be unique")
+    seen.add(name)
+    return name
+
+
 EXPORTERS: dict[str, Exporter] = {
     "img2dataset": export_img2dataset,
     "csv": export_csv,
     "jsonl": export_jsonl,
+    "webdataset": export_webdataset,
+    "imagefolder": export_imagefolder,
 }
 
 

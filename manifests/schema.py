@@ -37,8 +37,8 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "image_path": pa.string(),
     "shard": pa.string(),
     "key": pa.string(),
-    "sha256": pa.string(),
-    "image_width": pa.int32(),
+    "sha256": pa.string(),  # of the bytes as downloaded (img2dataset), before resizing
+    "image_width": pa.int32(),  # of the image as stored (after resizing)
     "image_height": pa.int32(),
     # scored rows
     "clip_score": pa.float32(),

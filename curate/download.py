@@ -1,0 +1,407 @@
+"""`curate download`: fetch the images of a manifest with img2dataset, resumably (DESIGN §1, §4, §5).
+
+The output folder OUT holds:
+  OUT/download_state.json          what is being downloaded (a fingerprint of the rows and options)
+  OUT/img2dataset_input.parquet    url, caption, uid in manifest order (removed once finished)
+  OUT/images/ or OUT/shards/       img2dataset's own output (files or webdataset format): per shard
+                                   `{shard}.parquet` (status per row), the images, and `{shard}_stats.json`,
+                                   written last, which marks the shard done
+  OUT/failed.parquet               the rows whose image did not arrive, with img2dataset's error message
+  OUT/report.json                  counts, top errors, per-class counts, timing, img2dataset options
+  OUT/manifest.parquet             written last: one row per image that arrived; its presence marks OUT finished
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.errors import CurateError
+from manifests.io import MANIFEST_NAME, read_manifest, read_report, write_json, write_manifest, write_report
+
+log = logging.getLogger(__name__)
+
+DATA_FOLDERS = {"files": "images", "webdataset": "shards"}  # output format -> img2dataset's folder in OUT
+RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+INPUT_NAME = "img2dataset_input.parquet"
+STATE_NAME = "download_state.json"
+FAILED_NAME = "failed.parquet"
+IMAGE_COLUMNS = ("image_path", "shard", "key", "sha256", "image_width", "image_height")
+_RESULT_COLUMNS = ["uid", "key", "status", "error_message", "width", "height", "sha256"]
+_ROW = "__row"
+_PARAMETER = {"processes_count": "processes", "thread_count": "threads"}  # img2dataset name -> ours
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadResult:
+    """What `download` did; `summary()` is the CLI's one line."""
+
+    out: Path
+    input_rows: int
+    success: int
+    failed: int
+    seconds: float
+    shards_total: int
+    shards_skipped: int
+
+    def summary(self) -> str:
+        resumed = f", {self.shards_skipped} of {self.shards_total} shards already done" if self.shards_skipped else ""
+        failed = f" (failed list: {self.out / FAILED_NAME})" if self.failed else ""
+        return (
+            f"downloaded {self.success} of {self.input_rows} images to {self.out}: "
+            f"{self.success} success, {self.failed} failed{failed}{resumed}; {self.seconds:.1f} s"
+        )
+
+
+def download(
+    manifest: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    processes: int = 1,
+    threads: int = 16,
+    image_size: int = 256,
+    resize_mode: str = "border",
+    encode_format: str = "jpg",
+    output_format: str = "files",
+    number_sample_per_shard: int = 10_000,
+    timeout: int = 10,
+    retries: int = 0,
+    overwrite: bool = False,
+    resume: bool = True,
+) -> DownloadResult:
+    """Download the images of a manifest with a `url` column (img2dataset, called as a library).
+
+    Args: `manifest` (parquet or its folder), `out` (output folder); `processes` x `threads`
+    download workers; `image_size`, `resize_mode`, `encode_format`: how images are resized and
+    stored; `output_format`: 'files' (OUT/images/<shard>/<key>.jpg) or 'webdataset'
+    (OUT/shards/<shard>.tar); `number_sample_per_shard`; per-URL `timeout` (s) and `retries`.
+
+    Resuming: image data is written in place under OUT, shard by shard; a shard is done once its
+    `{shard}_stats.json` exists. OUT/manifest.parquet is written last and marks OUT finished. So:
+    an OUT holding a finished manifest is refused unless `overwrite`; an OUT without one is an
+    interrupted run and re-running the same command resumes it (`resume=True`), fetching only the
+    unfinished shards; the rows and the shard-shaping options (image size, resize mode, encode and
+    output format, samples per shard) must be the same, else it is refused (use `overwrite`).
+    `overwrite` deletes OUT first. Rows without a URL are not sent; they are listed as failed.
+
+    Returns a DownloadResult. The output manifest has one row per image that arrived, in input
+    order, every input column plus `image_path` (files) or `shard` + `key` (webdataset, paths
+    relative to OUT), `sha256` (of the downloaded bytes), `image_width`/`image_height` (as saved).
+
+    img2dataset starts worker processes with 'spawn': a script calling this must do so under
+    `if __name__ == "__main__":`. Ctrl-C raises KeyboardInterrupt (img2dataset would exit 0).
+    """
+    start = time.perf_counter()
+    options = _img2dataset_options({
+        "processes_count": processes, "thread_count": threads, "image_size": image_size,
+        "resize_mode": resize_mode, "encode_format": encode_format, "output_format": output_format,
+        "number_sample_per_shard": number_sample_per_shard, "timeout": timeout, "retries": retries,
+    })
+    table = _read_input(Path(manifest))
+    sendable = table.filter(_has_url(table))
+    out = Path(out)
+    resumed = _prepare_out(out, _fingerprint(sendable, options), overwrite=overwrite, resume=resume)
+    data_dir = out / DATA_FOLDERS[output_format]
+    shard_names = [f"{i:05d}" for i in range(math.ceil(sendable.num_rows / number_sample_per_shard))]
+    done_before = _finished_shards(data_dir, shard_names)
+    timing = {"seconds": 0.0}
+    if len(done_before) < len(shard_names):
+        _remove_partial_shards(data_dir, shard_names, done_before)
+        _write_parquet(sendable.select(["url", "caption", "uid"]), out / INPUT_NAME)
+        timing = _run_img2dataset(out / INPUT_NAME, data_dir, options)
+    results = _collect_results(data_dir, shard_names, sendable.num_rows)
+    downloaded, failed = _split_results(table, results, output_format, encode_format)
+    report = _report(table, downloaded, failed, results, manifest, options, resumed)
+    report["shards"] = {
+        "total": len(shard_names), "skipped": len(done_before), "samples_per_shard": number_sample_per_shard,
+    }
+    report["throughput"] = _throughput(data_dir, [s for s in shard_names if s not in done_before], timing)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    _finish(out, downloaded, failed, report)
+    return DownloadResult(
+        out, table.num_rows, downloaded.num_rows, failed.num_rows, report["seconds"], len(shard_names), len(done_before)
+    )
+
+
+def _img2dataset_options(chosen: dict[str, Any]) -> dict[str, Any]:
+    """Check the user's options (img2dataset names) and add the fixed ones curate relies on."""
+    minimum = {"processes_count": 1, "thread_count": 1, "image_size": 1, "number_sample_per_shard": 1,
+               "timeout": 1, "retries": 0}
+    bad = [_PARAMETER.get(name, name) for name, low in minimum.items() if chosen[name] < low]
+    if bad:
+        raise CurateError(f"download option(s) out of range: {', '.join(bad)}")
+    for name, choices in (("resize_mode", RESIZE_MODES), ("encode_format", ENCODE_FORMATS),
+                          ("output_format", tuple(DATA_FOLDERS))):
+        if chosen[name] not in choices:
+            raise CurateError(f"unknown {name.replace('_', ' ')} '{chosen[name]}'; choose one of {', '.join(choices)}")
+    return {
+        **chosen, "input_format": "parquet", "url_col": "url", "caption_col": "caption",
+        "save_additional_columns": ["uid"], "extract_exif": False, "compute_hash": "sha256",
+        "enable_wandb": False, "incremental_mode": "incremental", "distributor": "multiprocessing",
+    }
+
+
+def _read_input(manifest: Path) -> pa.Table:
+    table = read_manifest(manifest)
+    if "url" not in table.column_names:
+        raise CurateError(
+            f"manifest {manifest} has no 'url' column: download needs a retrieved manifest (curate retrieve)"
+        )
+    if pc.count_distinct(table.column("uid")).as_py() != table.num_rows:
+        raise CurateError(f"manifest {manifest} has duplicate uids; uid is the join key of the download")
+    carried = [c for c in table.column_names if c not in IMAGE_COLUMNS]  # replaced by this download
+    table = table.select(carried)
+    return table.append_column(_ROW, pa.array(range(table.num_rows), pa.int64()))
+
+
+def _has_url(table: pa.Table) -> pa.ChunkedArray:
+    url = pc.utf8_trim_whitespace(table.column("url"))
+    return pc.fill_null(pc.not_equal(url, ""), False)
+
+
+def _fingerprint(sendable: pa.Table, options: dict[str, Any]) -> str:
+    """Hash of what shapes the shards: the rows (uid, url, in order) and the image options."""
+    digest = hashlib.sha256()
+    shaping = ("image_size", "resize_mode", "encode_format", "output_format", "number_sample_per_shard")
+    digest.update(repr([(k, options[k]) for k in shaping]).encode())
+    for batch in sendable.select(["uid", "url"]).to_batches(max_chunksize=65_536):
+        for uid, url in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            digest.update(f"{uid}\t{url}\n".encode())
+    return digest.hexdigest()
+
+
+def _prepare_out(out: Path, fingerprint: str, overwrite: bool, resume: bool) -> bool:
+    """Create, clear or accept OUT for resuming (see `download`); returns True when resuming."""
+    if out.exists() and not out.is_dir():
+        raise CurateError(f"output path {out} exists and is not a folder")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        _check_resumable(out, fingerprint, resume)
+        log.info("resuming the interrupted download in %s", out)
+        return True
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"stage": "download", "fingerprint": fingerprint}, out / STATE_NAME)
+    return False
+
+
+def _check_resumable(out: Path, fingerprint: str, resume: bool) -> None:
+    if (out / MANIFEST_NAME).exists():
+        raise CurateError(f"output directory {out} already holds a finished download (use --overwrite to replace it)")
+    try:
+        state = json.loads((out / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise CurateError(
+            f"output directory {out} already exists and is not a download folder (use --overwrite)"
+        ) from None
+    if not resume:
+        raise CurateError(f"output directory {out} holds an interrupted download (resume it, or use --overwrite)")
+    if state.get("fingerprint") != fingerprint:
+        raise CurateError(
+            f"output directory {out} holds an interrupted download of other rows or image options (use --overwrite)"
+        )
+
+
+def _finished_shards(data_dir: Path, shard_names: list[str]) -> set[str]:
+    return {name for name in shard_names if (data_dir / f"{name}_stats.json").exists()}
+
+
+def _remove_partial_shards(data_dir: Path, shard_names: list[str], done: set[str]) -> None:
+    """Delete what an interrupted run left of unfinished shards (img2dataset writes them again)."""
+    for name in shard_names:
+        if name in done:
+            continue
+        for leftover in (data_dir / name, data_dir / f"{name}.parquet", data_dir / f"{name}.tar"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            elif leftover.exists():
+                leftover.unlink()
+
+
+def _run_img2dataset(input_path: Path, data_dir: Path, options: dict[str, Any]) -> dict[str, float]:
+    """Call img2dataset's `download`; its prints go to stderr, its SIGINT handler is undone after."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # img2dataset imports imghdr
+        from img2dataset import download as img2dataset_download
+
+    log.info(
+        "img2dataset: %d process(es) x %d threads into %s", options["processes_count"], options["thread_count"], data_dir
+    )
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            img2dataset_download(url_list=str(input_path), output_folder=str(data_dir), **options)
+    except SystemExit:  # img2dataset's SIGINT handler calls sys.exit(0): that is an interruption, not success
+        raise KeyboardInterrupt from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    return {"seconds": time.perf_counter() - start}
+
+
+def _collect_results(data_dir: Path, shard_names: list[str], expected_rows: int) -> pa.Table:
+    """All shards' per-row status tables, with the shard name; CurateError if a shard did not finish."""
+    missing = sorted(set(shard_names) - _finished_shards(data_dir, shard_names))
+    if missing:
+        raise CurateError(
+            f"{len(missing)} of {len(shard_names)} shard(s) did not finish (first: {missing[0]}); "
+            "re-run the same command to resume"
+        )
+    tables = []
+    for name in shard_names:
+        part = pq.read_table(data_dir / f"{name}.parquet", columns=_RESULT_COLUMNS)
+        tables.append(part.append_column("shard_name", pa.array([name] * part.num_rows, pa.string())))
+    schema = pa.schema([
+        ("uid", pa.string()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
+        ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("shard_name", pa.string()),
+    ])
+    results = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+    if results.num_rows != expected_rows:
+        raise CurateError(
+            f"img2dataset output in {data_dir} has {results.num_rows} rows for {expected_rows} inputs; use --overwrite"
+        )
+    return results
+
+
+def _split_results(
+    table: pa.Table, results: pa.Table, output_format: str, encode_format: str
+) -> tuple[pa.Table, pa.Table]:
+    """(the output manifest rows that arrived, the failed rows), both in input order."""
+    joined = results.join(table.select(["uid", _ROW]), keys="uid", join_type="inner").sort_by(_ROW)
+    if joined.num_rows != results.num_rows:
+        raise CurateError("img2dataset output does not match the manifest's uids; use --overwrite")
+    ok = pc.equal(joined.column("status"), "success")
+    arrived = joined.filter(ok)
+    downloaded = table.take(arrived.column(_ROW))
+    for name, column in _location_columns(arrived, output_format, encode_format).items():
+        downloaded = downloaded.append_column(name, column)
+    downloaded = downloaded.append_column("sha256", arrived.column("sha256"))
+    downloaded = downloaded.append_column("image_width", arrived.column("width"))
+    downloaded = downloaded.append_column("image_height", arrived.column("height"))
+    failed = _failed_rows(table, joined.filter(pc.invert(ok)))
+    return downloaded.drop_columns([_ROW]), failed
+
+
+def _location_columns(arrived: pa.Table, output_format: str, encode_format: str) -> dict[str, pa.ChunkedArray]:
+    folder = DATA_FOLDERS[output_format]
+    shard, key = arrived.column("shard_name"), arrived.column("key")
+    if output_format == "webdataset":
+        return {"shard": pc.binary_join_element_wise(f"{folder}/", shard, ".tar", ""), "key": key}
+    return {"image_path": pc.binary_join_element_wise(f"{folder}/", shard, "/", key, f".{encode_format}", "")}
+
+
+def _failed_rows(table: pa.Table, failed_results: pa.Table) -> pa.Table:
+    """uid, url, label, class_name, status, error_message of every row without an image, in input order."""
+    columns = ["uid", "url", "label", "class_name", _ROW]
+    attempted = table.take(failed_results.column(_ROW)).select(columns)
+    attempted = attempted.append_column("status", failed_results.column("status"))
+    attempted = attempted.append_column("error_message", failed_results.column("error_message"))
+    no_url = table.filter(pc.invert(_has_url(table))).select(columns)
+    no_url = no_url.append_column("status", pa.array(["skipped"] * no_url.num_rows, pa.string()))
+    no_url = no_url.append_column("error_message", pa.array(["missing url"] * no_url.num_rows, pa.string()))
+    return pa.concat_tables([attempted, no_url]).sort_by(_ROW).drop_columns([_ROW])
+
+
+def _report(table, downloaded, failed, results, manifest, options, resumed) -> dict[str, Any]:
+    status = pc.value_counts(results.column("status")).to_pylist() if results.num_rows else []
+    by_status = {item["values"]: item["counts"] for item in status}
+    errors = pc.value_counts(failed.column("error_message").fill_null("unknown")).to_pylist() if failed.num_rows else []
+    errors.sort(key=lambda item: (-item["counts"], item["values"]))
+    return {
+        "stage": "download",
+        "task": _input_task(Path(manifest)),
+        "manifest": str(manifest),
+        "resumed": resumed,
+        "counts": {
+            "input_rows": table.num_rows,
+            "missing_url": table.num_rows - results.num_rows,
+            "attempted": results.num_rows,
+            "success": downloaded.num_rows,
+            "failed": failed.num_rows,
+            "failed_to_download": by_status.get("failed_to_download", 0),
+            "failed_to_resize": by_status.get("failed_to_resize", 0),
+        },
+        "top_errors": [{"error": item["values"], "count": item["counts"]} for item in errors[:20]],
+        "per_class": _per_class(table, downloaded),
+        "img2dataset": dict(options),
+    }
+
+
+def _per_class(table: pa.Table, downloaded: pa.Table) -> list[dict[str, Any]]:
+    def counts(t: pa.Table) -> dict[tuple[int, str], int]:
+        grouped = t.group_by(["label", "class_name"]).aggregate([("uid", "count")]).to_pylist()
+        return {(row["label"], row["class_name"]): row["uid_count"] for row in grouped}
+
+    wanted, arrived = counts(table), counts(downloaded)
+    return [
+        {"label": label, "class_name": name, "input": n, "success": arrived.get((label, name), 0)}
+        for (label, name), n in sorted(wanted.items())
+    ]
+
+
+def _throughput(data_dir: Path, fetched_shards: list[str], timing: dict[str, float]) -> dict[str, Any]:
+    """URLs and images fetched by this run, per second of the img2dataset call and of its download window."""
+    stats = [json.loads((data_dir / f"{name}_stats.json").read_text()) for name in fetched_shards]
+    urls, images = sum(s["count"] for s in stats), sum(s["successes"] for s in stats)
+    window = max((s["end_time"] for s in stats), default=0.0) - min((s["start_time"] for s in stats), default=0.0)
+    seconds = timing["seconds"]
+    return {
+        "urls": urls,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "urls_per_second": round(urls / seconds, 2) if seconds else None,
+        "images_per_second": round(images / seconds, 2) if seconds else None,
+        "download_window_seconds": round(window, 3),
+        "images_per_second_in_window": round(images / window, 2) if window > 0 else None,
+    }
+
+
+def _input_task(manifest: Path) -> Any:
+    with contextlib.suppress(OSError, ValueError):
+        return read_report(manifest if manifest.is_dir() else manifest.parent).get("task")
+    return None
+
+
+def _finish(out: Path, downloaded: pa.Table, failed: pa.Table, report: dict[str, Any]) -> None:
+    """failed.parquet and report.json, then manifest.parquet last (the finished marker)."""
+    _write_parquet(failed, out / FAILED_NAME)
+    images = DATA_FOLDERS[report["img2dataset"]["output_format"]]
+    report["files"] = {"manifest": MANIFEST_NAME, "failed": FAILED_NAME, "images": images}
+    write_report(out, report)
+    write_manifest(downloaded, out / MANIFEST_NAME)
+    with contextlib.suppress(FileNotFoundError):
+        (out / INPUT_NAME).unlink()
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,118 @@
+"""Reading the images of an image-bearing manifest, in one place (DESIGN §4).
+
+A row holds its image either as a file, `image_path` (relative to the manifest's folder), or as a
+member of a webdataset tar, `shard` (the tar, relative to the manifest's folder) + `key` (the
+sample key; the image is the member `<key>.<ext>` with an image extension). Exporters, the CLIP
+filter and finetuning all read images through `iter_images` / `read_image` / `open_image`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from curate.errors import CurateError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+NO_IMAGES = "manifest has no images: run curate download first"
+
+
+def image_layout(table: pa.Table) -> str:
+    """'files' (rows have `image_path`) or 'webdataset' (`shard` + `key`); CurateError if neither."""
+    names = set(table.column_names)
+    if "image_path" in names:
+        return "files"
+    if {"shard", "key"} <= names:
+        return "webdataset"
+    raise CurateError(NO_IMAGES)
+
+
+def has_images(table: pa.Table) -> bool:
+    """True if the manifest carries image locations (image_path, or shard + key)."""
+    try:
+        image_layout(table)
+    except CurateError:
+        return False
+    return True
+
+
+def read_image(row: dict[str, Any], manifest_dir: str | os.PathLike) -> tuple[bytes, str]:
+    """The stored bytes of one row's image and its extension ('jpg', 'png', ...), as stored."""
+    manifest_dir = Path(manifest_dir)
+    if row.get("image_path"):
+        path = manifest_dir / row["image_path"]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CurateError(f"cannot read image of row {row.get('uid')}: {path}: {exc.strerror}") from None
+        return data, path.suffix.lstrip(".").lower()
+    if row.get("shard") and row.get("key") is not None:
+        return _read_tar_member(manifest_dir / row["shard"], str(row["key"]), row.get("uid"))
+    raise CurateError(f"row {row.get('uid')} has no image (no image_path, no shard/key): run curate download first")
+
+
+def open_image(row: dict[str, Any], manifest_dir: str | os.PathLike, mode: str | None = "RGB"):
+    """One row's image as a PIL image (converted to `mode` unless None)."""
+    from PIL import Image, UnidentifiedImageError
+
+    data, _ = read_image(row, manifest_dir)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CurateError(f"cannot decode image of row {row.get('uid')}: {exc}") from None
+    return image.convert(mode) if mode and image.mode != mode else image
+
+
+def iter_images(
+    table: pa.Table, manifest_dir: str | os.PathLike, batch_size: int = 1024
+) -> Iterator[tuple[dict[str, Any], bytes, str]]:
+    """Yield (row, image bytes, extension) for every row, in manifest order.
+
+    Raises CurateError if the manifest has no image columns or a row's image is missing.
+    """
+    image_layout(table)
+    for batch in table.to_batches(max_chunksize=batch_size):
+        for row in batch.to_pylist():
+            data, ext = read_image(row, manifest_dir)
+            yield row, data, ext
+
+
+def _read_tar_member(shard: Path, key: str, uid: Any) -> tuple[bytes, str]:
+    try:
+        stat = shard.stat()
+    except OSError:
+        raise CurateError(f"cannot read image of row {uid}: shard {shard} not found") from None
+    members = _tar_index(str(shard), stat.st_mtime_ns, stat.st_size).get(key)
+    if not members:
+        raise CurateError(f"cannot read image of row {uid}: no image for key '{key}' in {shard}")
+    ext, offset, size = members[0]
+    with open(shard, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size), ext
+
+
+@functools.lru_cache(maxsize=16)
+def _tar_index(path: str, mtime_ns: int, size: int) -> dict[str, list[tuple[str, int, int]]]:
+    """key -> [(image extension, data offset, size)] of a webdataset tar (cached per file version)."""
+    index: dict[str, list[tuple[str, int, int]]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if dot and ext.lower() in IMAGE_EXTENSIONS:
+                    key = f"{folder}/{stem}" if folder else stem
+                    index.setdefault(key, []).append((ext.lower(), member.offset_data, member.size))
+    except (tarfile.TarError, OSError) as exc:
+        raise CurateError(f"cannot read webdataset shard {path}: {exc}") from None
+    return index

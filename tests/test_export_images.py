@@ -1,0 +1,161 @@
+"""Reading image-bearing manifests (manifests.images) and the webdataset / imagefolder exporters.
+
+The manifests are built here (images as files, or in a webdataset tar laid out as img2dataset
+writes it), so these tests need neither a server nor img2dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from helpers_http import image_bytes
+
+from curate.cli import cli
+from curate.errors import CurateError
+from manifests import read_report, write_manifest
+from manifests.images import iter_images, open_image, read_image
+
+# class names that are unsafe as folder names; "a/b" and "a_b" both sanitise to "a_b"
+CLASSES = ["red circle", "green/square", "a/b", "a_b", "..", "CON: <weird>?"]
+
+
+def _rows(n: int = 12) -> list[dict]:
+    return [
+        {"uid": f"{i:04x}cafe", "label": i % len(CLASSES), "class_name": CLASSES[i % len(CLASSES)],
+         "source": "retrieved", "caption": f"caption {i}" if i != 5 else None, "url": f"http://x/{i}.jpg",
+         "clip_score": 0.25 + i / 100}
+        for i in range(n)
+    ]
+
+
+def _payload(i: int) -> tuple[bytes, str]:
+    """Row i's image: PNG for odd rows, JPEG for even rows, distinct sizes."""
+    ext = "png" if i % 2 else "jpg"
+    return image_bytes((10 * i, 255 - 10 * i, 7 * i), size=(20 + i, 10 + i), fmt="PNG" if ext == "png" else "JPEG"), ext
+
+
+def files_manifest(folder: Path) -> Path:
+    rows = _rows()
+    (folder / "images" / "00000").mkdir(parents=True)
+    for i, row in enumerate(rows):
+        data, ext = _payload(i)
+        row["image_path"] = f"images/00000/{i:06d}.{ext}"
+        (folder / row["image_path"]).write_bytes(data)
+    path = folder / "manifest.parquet"
+    write_manifest(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def webdataset_manifest(folder: Path) -> Path:
+    """Two tars laid out like img2dataset's (key.jpg, key.txt, key.json members)."""
+    rows = _rows()
+    (folder / "shards").mkdir(parents=True)
+    for shard in range(2):
+        with tarfile.open(folder / "shards" / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard * 6, shard * 6 + 6):
+                data, ext = _payload(i)
+                key = f"{shard:05d}{i:04d}"
+                rows[i].update(shard=f"shards/{shard:05d}.tar", key=key)
+                for name, blob in ((f"{key}.txt", b"text"), (f"{key}.{ext}", data), (f"{key}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+    path = folder / "manifest.parquet"
+    write_manifest(pa.Table.from_pylist(rows), path)
+    return path
+
+
+LAYOUTS = {"files": files_manifest, "webdataset": webdataset_manifest}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_iter_images_and_open_image(tmp_path, layout):
+    manifest = LAYOUTS[layout](tmp_path)
+    table = pq.read_table(manifest)
+    seen = list(iter_images(table, tmp_path))
+    assert [row["uid"] for row, _, _ in seen] == [r["uid"] for r in _rows()]
+    for i, (row, data, ext) in enumerate(seen):
+        assert (data, ext) == _payload(i)
+    image = open_image(table.slice(3, 1).to_pylist()[0], tmp_path)
+    assert image.mode == "RGB" and image.size == (23, 13)
+
+
+def test_missing_images_give_clear_errors(tmp_path):
+    no_images = pa.Table.from_pylist(_rows(2))
+    with pytest.raises(CurateError, match="^manifest has no images: run curate download first$"):
+        next(iter_images(no_images, tmp_path))
+    manifest = files_manifest(tmp_path)
+    (tmp_path / "images/00000/000001.png").unlink()
+    with pytest.raises(CurateError, match="cannot read image of row 0001cafe: .*000001.png"):
+        list(iter_images(pq.read_table(manifest), tmp_path))
+    webdataset_manifest(tmp_path / "w")
+    with pytest.raises(CurateError, match="no image for key 'nokey'"):
+        read_image({"uid": "z", "shard": "shards/00000.tar", "key": "nokey"}, tmp_path / "w")
+
+
+def _export(manifest: Path, fmt: str, out: Path):
+    return CliRunner().invoke(cli, ["export", "--manifest", str(manifest), "--format", fmt, "--out", str(out)],
+                              catch_exceptions=False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_webdataset_export_round_trip(tmp_path, layout):
+    import webdataset as wds
+
+    manifest = LAYOUTS[layout](tmp_path / "m")
+    out = tmp_path / "wds"
+    result = _export(manifest, "webdataset", out)
+    assert result.exit_code == 0, result.output
+    assert "exported 12 rows as webdataset" in result.stdout
+    rows = _rows()
+    samples = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [r["uid"] for r in rows]
+    for i, (sample, row) in enumerate(zip(samples, rows)):
+        data, ext = _payload(i)
+        assert sample[ext] == data and sorted(sample) == sorted(["__key__", "__url__", "__local_path__", ext, "cls", "txt", "json"])
+        assert int(sample["cls"]) == row["label"]
+        assert sample["txt"].decode() == (row["caption"] or "")
+        meta = json.loads(sample["json"])
+        assert meta["uid"] == row["uid"] and meta["class_name"] == row["class_name"] and meta["url"] == row["url"]
+        assert meta["clip_score"] == pytest.approx(row["clip_score"])
+        assert not {"label", "caption", "image_path", "shard", "key"} & set(meta)
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert len(tar.getnames()) == 4 * len(rows)
+    assert read_report(out)["files"] == ["shard-000000.tar"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_imagefolder_export_round_trip(tmp_path, layout):
+    manifest = LAYOUTS[layout](tmp_path / "m")
+    out = tmp_path / "folders"
+    result = _export(manifest, "imagefolder", out)
+    assert result.exit_code == 0, result.output
+    lines = (out / "classes.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == [
+        "0\tred circle\tred circle", "1\tgreen/square\tgreen_square", "2\ta/b\ta_b", "3\ta_b\ta_b_3",
+        "4\t..\tclass_4", "5\tCON: <weird>?\tCON_ _weird__",
+    ]
+    folders = {int(label): folder for label, _, folder in (line.split("\t") for line in lines)}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(folders.values())
+    for i, row in enumerate(_rows()):
+        data, ext = _payload(i)
+        assert (out / folders[row["label"]] / f"{row['uid']}.{ext}").read_bytes() == data
+    assert sum(1 for p in out.rglob("*") if p.is_file() and p.parent != out) == 12
+
+
+def test_export_of_a_manifest_without_images_fails_cleanly(tmp_path):
+    manifest = tmp_path / "manifest.parquet"
+    write_manifest(pa.Table.from_pylist(_rows(3)), manifest)
+    for fmt in ("webdataset", "imagefolder"):
+        out = tmp_path / f"out-{fmt}"
+        result = _export(manifest, fmt, out)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.stderr.strip() == "curate: error: manifest has no images: run curate download first"
+        assert not out.exists() and not list(tmp_path.glob(f".out-{fmt}*"))
