@@ -92,7 +92,7 @@ def decontaminate(
     """
     from curate.models import default_pretrained, load_clip, resolve_device
 
-    _check(phash_distance, cosine_threshold)
+    check_options(phash_distance, cosine_threshold)
     eval_files = list_eval_images(Path(eval_dir))
     device = resolve_device(device)
     if bundle is None:
@@ -136,7 +136,7 @@ def list_eval_images(eval_dir: Path) -> list[Path]:
     return files
 
 
-def _check(phash_distance: int, cosine_threshold: float) -> None:
+def check_options(phash_distance: int, cosine_threshold: float) -> None:
     if not 0 <= int(phash_distance) <= 16:
         raise CurateError(f"phash distance must be in [0, 16], got {phash_distance}")
     if not 0.0 < float(cosine_threshold) <= 1.0:

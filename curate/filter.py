@@ -118,6 +118,11 @@ def filter_images(
     _check_labels(table, task_obj)
     if embeddings is None:
         _check_image_columns(table)
+    if decontaminate is not None:  # fail on a bad eval folder before the long scoring pass
+        from curate.decontaminate import check_options, list_eval_images
+
+        check_options(phash_distance, cosine_threshold)
+        list_eval_images(Path(decontaminate))
     with staged_output_dir(out, overwrite) as stage:
         device = resolve_device(device)
         pretrained = default_pretrained(clip_model) if clip_pretrained is None else (clip_pretrained or None)
