@@ -90,13 +90,13 @@ def decontaminate(
       dedup_train: also drop rows duplicating an earlier row (first in row order survives).
     Returns a DecontamResult (keep mask, dropped pairs, counts, settings).
     """
-    from curate.models import default_pretrained, load_clip, resolve_device
+    from curate.models import load_clip, resolve_device, resolve_pretrained
 
     check_options(phash_distance, cosine_threshold)
     eval_files = list_eval_images(Path(eval_dir))
     device = resolve_device(device)
     if bundle is None:
-        pretrained = default_pretrained(clip_model) if clip_pretrained is None else (clip_pretrained or None)
+        pretrained = resolve_pretrained(clip_model, clip_pretrained)
         bundle = load_clip(clip_model, pretrained, device)
     reader = dict(batch_size=batch_size, workers=workers, device=device)
     unreadable = np.zeros(table.num_rows, dtype=bool)

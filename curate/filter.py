@@ -106,7 +106,7 @@ def filter_images(
     Returns a FilterResult; writes OUT/manifest.parquet (+ clip_score), OUT/report.json,
     OUT/score_hist.png and, with `decontaminate`, OUT/decontamination.parquet.
     """
-    from curate.models import default_pretrained, load_clip, resolve_device
+    from curate.models import load_clip, resolve_device, resolve_pretrained
     from curate.tasks import load_task
     from manifests.io import read_manifest, staged_output_dir
 
@@ -125,7 +125,7 @@ def filter_images(
         list_eval_images(Path(decontaminate))
     with staged_output_dir(out, overwrite) as stage:
         device = resolve_device(device)
-        pretrained = default_pretrained(clip_model) if clip_pretrained is None else (clip_pretrained or None)
+        pretrained = resolve_pretrained(clip_model, clip_pretrained)
         bundle = load_clip(clip_model, pretrained, device)
         text, texts = _text_matrix(bundle, task_obj, mode, device)
         columns = table.column("label").to_numpy() if mode == "classname" else None
@@ -194,22 +194,29 @@ def _text_matrix(bundle, task, mode: str, device: str) -> tuple[np.ndarray, list
 
 
 # ---------------------------------------------------------------- scoring core
-def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
     """Cosine scores of image embeddings `x` (n, d; fp16 or fp32, normalised or not) against text.
 
     `text` is (d, T) normalised; with `columns` (n,) each row is scored against its own text column
-    (classname mode), else by its maximum over all T columns (domain mode). Returns float32 (n,).
+    (classname mode), else by its maximum over all T columns (domain mode). Works through `block`
+    rows at a time in a cache-sized fp32 buffer. Returns float32 (n,).
     """
     import torch
 
-    feats = torch.as_tensor(x).float()
-    norms = torch.linalg.vector_norm(feats, dim=1).clamp_min(1e-12)
+    feats = torch.as_tensor(x)
     text_t = torch.as_tensor(text)
-    if columns is None:
-        sims = (feats @ text_t).amax(dim=1)
-    else:
-        sims = (feats * text_t.T[torch.as_tensor(columns, dtype=torch.long)]).sum(dim=1)
-    return (sims / norms).numpy().astype(np.float32, copy=False)
+    cols = None if columns is None else torch.as_tensor(columns, dtype=torch.long)
+    out = torch.empty(len(feats), dtype=torch.float32)
+    buffer = torch.empty((min(block, len(feats)), feats.shape[1]), dtype=torch.float32)
+    for start in range(0, len(feats), block):
+        part = buffer[: min(block, len(feats) - start)]
+        part.copy_(feats[start:start + len(part)])
+        if cols is None:
+            sims = (part @ text_t).amax(dim=1)
+        else:
+            sims = (part * text_t.T[cols[start:start + len(part)]]).sum(dim=1)
+        out[start:start + len(part)] = sims / torch.linalg.vector_norm(part, dim=1).clamp_min(1e-12)
+    return out.numpy()
 
 
 def _new_scored(n: int, dim: int, keep_extra: bool, with_phash: bool) -> _Scored:

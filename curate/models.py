@@ -117,6 +117,13 @@ def default_pretrained(name: str) -> str | None:
     return tags[0] if tags else None
 
 
+def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
+    """None -> `default_pretrained(name)`; '' -> no weights (None); anything else as given."""
+    if pretrained is None:
+        return default_pretrained(name)
+    return pretrained or None
+
+
 def resolve_device(device: str = "auto") -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is returned as given."""
     if device != "auto":

@@ -332,3 +332,12 @@ def test_cli_refuses_an_existing_output_folder(shapes, tmp_path):
     out.mkdir()
     result = _cli(["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out), "--clip-model", "tiny-clip"])
     assert result.exit_code == 2 and "already exists (use --overwrite" in result.stderr
+
+
+def test_pretrained_default_depends_on_the_model():
+    from curate.models import resolve_pretrained
+
+    assert resolve_pretrained("ViT-B-16", None) == "laion2b_s34b_b88k"
+    assert resolve_pretrained("tiny-clip", None) is None
+    assert resolve_pretrained("ViT-B-16", "") is None
+    assert resolve_pretrained("ViT-B-16", "openai") == "openai"
