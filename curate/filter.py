@@ -199,7 +199,8 @@ def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None, blo
 
     `text` is (d, T) normalised; with `columns` (n,) each row is scored against its own text column
     (classname mode), else by its maximum over all T columns (domain mode). Works through `block`
-    rows at a time in a cache-sized fp32 buffer. Returns float32 (n,).
+    rows at a time in a cache-sized fp32 buffer, on one thread (these small memory-bound steps gain
+    nothing from more, and OpenMP threads spin badly on a shared machine). Returns float32 (n,).
     """
     import torch
 
@@ -208,14 +209,19 @@ def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None, blo
     cols = None if columns is None else torch.as_tensor(columns, dtype=torch.long)
     out = torch.empty(len(feats), dtype=torch.float32)
     buffer = torch.empty((min(block, len(feats)), feats.shape[1]), dtype=torch.float32)
-    for start in range(0, len(feats), block):
-        part = buffer[: min(block, len(feats) - start)]
-        part.copy_(feats[start:start + len(part)])
-        if cols is None:
-            sims = (part @ text_t).amax(dim=1)
-        else:
-            sims = (part * text_t.T[cols[start:start + len(part)]]).sum(dim=1)
-        out[start:start + len(part)] = sims / torch.linalg.vector_norm(part, dim=1).clamp_min(1e-12)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for start in range(0, len(feats), block):
+            part = buffer[: min(block, len(feats) - start)]
+            part.copy_(feats[start:start + len(part)])  # fp16 -> fp32, stays in cache
+            if cols is None:
+                sims = (part @ text_t).amax(dim=1)
+            else:
+                sims = (part * text_t.T[cols[start:start + len(part)]]).sum(dim=1)
+            out[start:start + len(part)] = sims / torch.linalg.vector_norm(part, dim=1).clamp_min(1e-12)
+    finally:
+        torch.set_num_threads(threads)
     return out.numpy()
 
 
@@ -378,27 +384,60 @@ def _match_keys(table: pa.Table, meta_path: Path) -> tuple[str, str]:
 
 
 class _KeyIndex:
-    """The manifest's distinct join keys and, for each, the manifest rows that carry it (CSR)."""
+    """The manifest's distinct join keys and, for each, the manifest rows that carry it (CSR).
+
+    Metadata keys are looked up by their 64-bit hash (DuckDB's `hash`) in a hash table of the manifest
+    keys' hashes (a pandas UInt64 index), built once; hits are then checked for string equality. So a
+    shard costs O(its rows), not O(manifest rows). Colliding manifest hashes fall back to `pc.index_in`.
+    """
 
     def __init__(self, keys: pa.Array):
+        import duckdb
+
         keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
         self.unique = pc.unique(keys.drop_null())
         key_of_row = pc.index_in(keys, value_set=self.unique).fill_null(-1).to_numpy(zero_copy_only=False)
         has_key = np.flatnonzero(key_of_row >= 0)
-        order = has_key[np.argsort(key_of_row[has_key], kind="stable")]
-        self.rows_by_key = order
-        counts = np.bincount(key_of_row[has_key], minlength=len(self.unique))
-        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        self.counts = counts
+        self.rows_by_key = has_key[np.argsort(key_of_row[has_key], kind="stable")]
+        self.counts = np.bincount(key_of_row[has_key], minlength=len(self.unique))
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
         self.found = np.zeros(len(self.unique), dtype=bool)
+        self._db = duckdb.connect()
+        import pandas as pd
+
+        self.by_hash = pd.Index(self._hash(self.unique))
+        self.hashed = self.by_hash.is_unique
+
+    def _hash(self, values: pa.Array) -> np.ndarray:
+        self._db.register("_keys", pa.table({"k": values}))
+        try:
+            return self._db.execute("SELECT hash(k) AS h FROM _keys").fetchnumpy()["h"].astype(np.uint64, copy=False)
+        finally:
+            self._db.unregister("_keys")
+
+    def _key_ids(self, meta_keys: pa.Array) -> np.ndarray:
+        """Key id of each metadata row, -1 where the manifest does not hold its key."""
+        if not self.hashed:
+            return pc.index_in(meta_keys, value_set=self.unique).fill_null(-1).to_numpy(zero_copy_only=False)
+        ids = self.by_hash.get_indexer(self._hash(meta_keys)).astype(np.int64, copy=False)
+        hit = np.flatnonzero(ids >= 0)
+        candidates = ids[hit]
+        ids[hit] = -1
+        same = pc.equal(meta_keys.take(pa.array(hit)), self.unique.take(pa.array(candidates)))
+        same = same.fill_null(False).to_numpy(zero_copy_only=False)
+        ids[hit[same]] = candidates[same]
+        return ids
 
     def lookup(self, meta_keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """(metadata row positions, key ids) of the metadata rows whose key is wanted and not yet found."""
         if isinstance(meta_keys, pa.ChunkedArray):
             meta_keys = meta_keys.combine_chunks()
         if meta_keys.type != self.unique.type:
-            meta_keys = meta_keys.cast(self.unique.type)
-        key_ids = pc.index_in(meta_keys, value_set=self.unique).fill_null(-1).to_numpy(zero_copy_only=False)
+            try:
+                meta_keys = meta_keys.cast(self.unique.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise CurateError(f"embedding metadata keys cannot be compared with the manifest's: {exc}") from None
+        key_ids = self._key_ids(meta_keys)
         positions = np.flatnonzero(key_ids >= 0)
         key_ids = key_ids[positions]
         _, first = np.unique(key_ids, return_index=True)  # the first copy of a key inside a shard wins
@@ -407,10 +446,10 @@ class _KeyIndex:
         return positions[first], key_ids[first]
 
     def expand(self, key_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(manifest rows, index into key_ids) for every manifest row carrying one of `key_ids`."""
+        """(manifest rows, index into key_ids or None for 'one row each') for the manifest rows carrying `key_ids`."""
         counts = self.counts[key_ids]
         if (counts == 1).all():
-            return self.rows_by_key[self.starts[key_ids]], np.arange(len(key_ids))
+            return self.rows_by_key[self.starts[key_ids]], None
         source = np.repeat(np.arange(len(key_ids)), counts)
         offsets = np.arange(len(source)) - np.repeat(np.cumsum(counts) - counts, counts)
         return self.rows_by_key[self.starts[key_ids][source] + offsets], source
@@ -436,7 +475,8 @@ def _iter_precomputed(table: pa.Table, emb_dir: Path, dim: int, model_name: str)
             for start in range(0, len(positions), CHUNK_ROWS):
                 chunk = positions[start:start + CHUNK_ROWS]
                 manifest_rows, source = index.expand(key_ids[start:start + CHUNK_ROWS])
-                yield manifest_rows, _gather(array, chunk)[source]
+                feats = _gather(array, chunk)
+                yield manifest_rows, (feats if source is None else feats[source])
             del array
             bar.update(rows)
 

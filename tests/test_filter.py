@@ -341,3 +341,18 @@ def test_pretrained_default_depends_on_the_model():
     assert resolve_pretrained("tiny-clip", None) is None
     assert resolve_pretrained("ViT-B-16", "") is None
     assert resolve_pretrained("ViT-B-16", "openai") == "openai"
+
+
+def test_key_index_checks_strings_after_a_hash_hit_and_falls_back_on_collisions(monkeypatch):
+    from curate.filter import _KeyIndex
+
+    lengths = lambda self, values: np.array([len(v or "") for v in values.to_pylist()], dtype=np.uint64)  # noqa: E731
+    monkeypatch.setattr(_KeyIndex, "_hash", lengths)
+    index = _KeyIndex(pa.array(["a", "bb", None, "a"]))
+    assert index.hashed
+    assert index._key_ids(pa.array(["c", "bb", "a", "dd", None])).tolist() == [-1, 1, 0, -1, -1]
+    rows, source = index.expand(np.array([0, 1]))
+    assert rows.tolist() == [0, 3, 1] and source.tolist() == [0, 0, 1]  # "a" is on manifest rows 0 and 3
+    colliding = _KeyIndex(pa.array(["a", "b"]))
+    assert not colliding.hashed
+    assert colliding._key_ids(pa.array(["b", "x", "a"])).tolist() == [1, -1, 0]
