@@ -202,9 +202,13 @@ def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None, blo
     rows at a time in a cache-sized fp32 buffer, on one thread (these small memory-bound steps gain
     nothing from more, and OpenMP threads spin badly on a shared machine). Returns float32 (n,).
     """
+    import warnings
+
     import torch
 
-    feats = torch.as_tensor(x)
+    with warnings.catch_warnings():  # a read-only memmap slice: only read here, never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        feats = torch.as_tensor(x)
     text_t = torch.as_tensor(text)
     cols = None if columns is None else torch.as_tensor(columns, dtype=torch.long)
     out = torch.empty(len(feats), dtype=torch.float32)
