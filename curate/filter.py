@@ -400,7 +400,10 @@ class _KeyIndex:
 
         keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
         self.unique = pc.unique(keys.drop_null())
-        key_of_row = pc.index_in(keys, value_set=self.unique).fill_null(-1).to_numpy(zero_copy_only=False)
+        if keys.null_count == 0 and len(self.unique) == len(keys):  # distinct keys: unique keeps row order
+            key_of_row = np.arange(len(keys), dtype=np.int64)
+        else:
+            key_of_row = pc.index_in(keys, value_set=self.unique).fill_null(-1).to_numpy(zero_copy_only=False)
         has_key = np.flatnonzero(key_of_row >= 0)
         self.rows_by_key = has_key[np.argsort(key_of_row[has_key], kind="stable")]
         self.counts = np.bincount(key_of_row[has_key], minlength=len(self.unique))
@@ -432,8 +435,8 @@ class _KeyIndex:
         ids[hit[same]] = candidates[same]
         return ids
 
-    def lookup(self, meta_keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """(metadata row positions, key ids) of the metadata rows whose key is wanted and not yet found."""
+    def key_ids(self, meta_keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Key id of each metadata row, -1 where the manifest does not hold its key (thread-safe: pure)."""
         if isinstance(meta_keys, pa.ChunkedArray):
             meta_keys = meta_keys.combine_chunks()
         if meta_keys.type != self.unique.type:
@@ -441,10 +444,14 @@ class _KeyIndex:
                 meta_keys = meta_keys.cast(self.unique.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise CurateError(f"embedding metadata keys cannot be compared with the manifest's: {exc}") from None
-        key_ids = self._key_ids(meta_keys)
+        return self._key_ids(meta_keys)
+
+    def claim(self, key_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(metadata row positions, key ids) of the rows whose key is wanted and not found in an earlier
+        shard or row: the first embedding of a key wins. Call in shard order."""
         positions = np.flatnonzero(key_ids >= 0)
         key_ids = key_ids[positions]
-        _, first = np.unique(key_ids, return_index=True)  # the first copy of a key inside a shard wins
+        _, first = np.unique(key_ids, return_index=True)
         first = np.sort(first[~self.found[key_ids[first]]])
         self.found[key_ids[first]] = True
         return positions[first], key_ids[first]
@@ -460,8 +467,12 @@ class _KeyIndex:
 
 
 def _iter_precomputed(table: pa.Table, emb_dir: Path, dim: int, model_name: str) -> Iterator[tuple]:
-    """Yield (manifest rows, embeddings) chunk by chunk, streaming one mmap-ed shard at a time."""
-    import pyarrow.parquet as pq
+    """Yield (manifest rows, embeddings) chunk by chunk, streaming one mmap-ed shard at a time.
+
+    The next shard's metadata is read and hashed in a background thread while this one is scored.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     shards = embedding_shards(emb_dir)
@@ -472,17 +483,27 @@ def _iter_precomputed(table: pa.Table, emb_dir: Path, dim: int, model_name: str)
                               "use the model the embeddings were computed with")
     manifest_col, meta_col = _match_keys(table, shards[0][1])
     index = _KeyIndex(table.column(manifest_col))
-    with tqdm(total=sum(s[2] for s in shards), unit="row", unit_scale=True, desc="clip score", leave=False) as bar:
-        for npy, meta, rows in shards:
-            positions, key_ids = index.lookup(pq.read_table(meta, columns=[meta_col]).column(meta_col))
+    bar = tqdm(total=sum(s[2] for s in shards), unit="row", unit_scale=True, desc="clip score", leave=False)
+    with bar, ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_shard_key_ids, index, shards[0][1], meta_col)
+        for number, (npy, _, rows) in enumerate(shards):
+            key_ids = pending.result()
+            if number + 1 < len(shards):
+                pending = pool.submit(_shard_key_ids, index, shards[number + 1][1], meta_col)
+            positions, key_ids = index.claim(key_ids)
             array = np.load(npy, mmap_mode="r")
             for start in range(0, len(positions), CHUNK_ROWS):
-                chunk = positions[start:start + CHUNK_ROWS]
                 manifest_rows, source = index.expand(key_ids[start:start + CHUNK_ROWS])
-                feats = _gather(array, chunk)
+                feats = _gather(array, positions[start:start + CHUNK_ROWS])
                 yield manifest_rows, (feats if source is None else feats[source])
             del array
             bar.update(rows)
+
+
+def _shard_key_ids(index: _KeyIndex, meta: Path, meta_col: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    return index.key_ids(pq.read_table(meta, columns=[meta_col]).column(meta_col))
 
 
 def _gather(array: np.ndarray, positions: np.ndarray) -> np.ndarray:

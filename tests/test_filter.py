@@ -350,9 +350,9 @@ def test_key_index_checks_strings_after_a_hash_hit_and_falls_back_on_collisions(
     monkeypatch.setattr(_KeyIndex, "_hash", lengths)
     index = _KeyIndex(pa.array(["a", "bb", None, "a"]))
     assert index.hashed
-    assert index._key_ids(pa.array(["c", "bb", "a", "dd", None])).tolist() == [-1, 1, 0, -1, -1]
+    assert index.key_ids(pa.array(["c", "bb", "a", "dd", None])).tolist() == [-1, 1, 0, -1, -1]
     rows, source = index.expand(np.array([0, 1]))
     assert rows.tolist() == [0, 3, 1] and source.tolist() == [0, 0, 1]  # "a" is on manifest rows 0 and 3
     colliding = _KeyIndex(pa.array(["a", "b"]))
     assert not colliding.hashed
-    assert colliding._key_ids(pa.array(["b", "x", "a"])).tolist() == [1, -1, 0]
+    assert colliding.key_ids(pa.array(["b", "x", "a"])).tolist() == [1, -1, 0]
