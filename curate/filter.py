@@ -296,8 +296,8 @@ def image_loader(dataset: ImageRows, batch_size: int, workers: int, device: str 
 
 
 def iter_image_embeddings(bundle, dataset: ImageRows, *, batch_size: int, workers: int, device: str, desc: str):
-    """Yield (indices, normalised embeddings (b, d) float32, phash (b, 8) uint8, errors) per batch;
-    rows with an error have undefined embeddings."""
+    """Yield (indices, normalised embeddings (b, d) float32 or None, phash (b, 8) uint8, error messages,
+    ok mask) per batch; rows that could not be read (ok False) have meaningless embeddings."""
     from tqdm import tqdm
 
     from curate.models import encode_images
