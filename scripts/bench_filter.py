@@ -201,6 +201,7 @@ def bench_images(args, work: Path) -> list[tuple]:
     batches = [pixels for _, pixels, _, _ in image_loader(dataset, args.batch_size, args.workers)]
     results.append((f"DataLoader only (decode 256px jpg + preprocess, {args.workers} workers)", n,
                     time.perf_counter() - started))
+    encode_images(bundle, batches[0][:2])  # warm-up
     started = time.perf_counter()
     for pixels in batches:
         encode_images(bundle, pixels)
@@ -210,7 +211,25 @@ def bench_images(args, work: Path) -> list[tuple]:
     filter_images(task, manifest, work / "img-out", clip_model="tiny-clip", threshold=-1, device="cpu",
                   batch_size=args.batch_size, workers=args.workers)
     results.append(("filter_images end to end (tiny-clip)", n, time.perf_counter() - started))
+    if args.vit_b16:
+        results.append(_vit_b16_forward(args.vit_b16))
     return results
+
+
+def _vit_b16_forward(count: int) -> tuple:
+    """ViT-B-16 (random weights: same cost as laion2b_s34b_b88k, nothing downloaded) forward on CPU."""
+    import torch
+
+    from curate.models import encode_images, load_clip
+
+    bundle = load_clip("ViT-B-16", "")
+    pixels = torch.randn(count, 3, 224, 224)
+    encode_images(bundle, pixels[:2])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, count, 16):
+        encode_images(bundle, pixels[start:start + 16])
+    return (f"model forward only (ViT-B-16 224px, {torch.get_num_threads()} threads)", count,
+            time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------- main
@@ -228,6 +247,7 @@ def main() -> None:
     parser.add_argument("--memory-sizes", default="1000000,4000000", help="embedding counts for the memory part ('' = skip)")
     parser.add_argument("--memory-candidates", type=int, default=200_000, help="manifest rows in the memory part")
     parser.add_argument("--images", type=int, default=384, help="images for the image path ('0' = skip)")
+    parser.add_argument("--vit-b16", type=int, default=0, help="also time ViT-B-16 forward on N images (0 = skip)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
