@@ -6,8 +6,10 @@ with any test image. We use two signals instead, both computed in the filter's s
     exact copies and resized / recompressed ones. Searched with faiss' multi-index hashing, which
     is exact for this radius (split the 64 bits into radius+1 chunks: a match agrees on one of them).
   * CLIP image embeddings of the scoring model: cosine >= `cosine_threshold` (0.95) catches near
-    copies (crops, colour shifts) by exhaustive faiss inner-product search. CLIP embeddings are
-    semantic rather than copy-detection descriptors, so this threshold is high on purpose.
+    copies (crops, colour shifts) by exhaustive inner-product search (`_FlatIP`: what faiss'
+    IndexFlatIP computes, as blocked torch matmuls, which ran 3-4x faster than faiss-cpu's
+    IndexFlatIP here). CLIP embeddings are semantic rather than copy-detection descriptors, so this
+    threshold is high on purpose.
 Order: eval phash, eval CLIP, then (dedup_train) training rows against earlier kept training rows,
 phash then CLIP, so the first row in manifest order survives. Training rows have no phash on the
 precomputed-embeddings path (no pixels): there only the CLIP signal is used, and the report says so.
@@ -171,14 +173,14 @@ class _Metric:
     limit: float
 
     def index(self, dim: int):
-        import faiss
-
         if self.method == "phash":  # multi-index hashing: exact for Hamming radius <= limit
+            import faiss
+
             chunks = int(self.limit) + 1
             index = faiss.IndexBinaryMultiHash(64, chunks, 64 // chunks)
             index.nflip = 0
             return index
-        return faiss.IndexFlatIP(dim)
+        return _FlatIP(dim)
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         if self.method == "phash":
@@ -193,6 +195,49 @@ class _Metric:
     def radius(self) -> float:
         """faiss range_search radius: binary returns d < r, inner product returns s > r."""
         return int(self.limit) + 1 if self.method == "phash" else float(self.limit) - 1e-6
+
+
+class _FlatIP:
+    """Exact inner-product search with faiss' IndexFlatIP interface (add, ntotal, search k=1,
+    range_search), computed as blocked torch matmuls over the stored parts."""
+
+    PART = 8192
+
+    def __init__(self, dim: int):
+        self.dim, self.parts, self.ntotal = dim, [], 0
+
+    def add(self, vectors: np.ndarray) -> None:
+        import torch
+
+        for start in range(0, len(vectors), self.PART):
+            self.parts.append(torch.from_numpy(np.ascontiguousarray(vectors[start:start + self.PART], dtype=np.float32)))
+        self.ntotal += len(vectors)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Best inner product and its id per query (k must be 1); id -1 when empty."""
+        import torch
+
+        assert k == 1
+        best = torch.full((len(queries),), -np.inf)
+        ids = torch.full((len(queries),), -1, dtype=torch.long)
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        offset = 0
+        for part in self.parts:
+            values, where = (q @ part.T).max(dim=1)
+            better = values > best
+            best[better], ids[better] = values[better], where[better] + offset
+            offset += len(part)
+        return best.numpy()[:, None], ids.numpy()[:, None]
+
+    def range_search(self, queries: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """faiss layout (lims, values, ids) of all stored vectors with inner product > radius."""
+        import torch
+
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        sims = torch.cat([q @ part.T for part in self.parts], dim=1) if self.parts else torch.zeros(len(q), 0)
+        rows, cols = torch.nonzero(sims > radius, as_tuple=True)
+        lims = np.concatenate([[0], np.cumsum(np.bincount(rows.numpy(), minlength=len(q)))])
+        return lims, sims[rows, cols].numpy(), cols.numpy()
 
 
 class _Finder:

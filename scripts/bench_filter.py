@@ -232,6 +232,32 @@ def _vit_b16_forward(count: int) -> tuple:
             time.perf_counter() - started)
 
 
+# ---------------------------------------------------------------- (c) decontamination search
+def bench_decontamination(rows: int, evals: int) -> list[tuple]:
+    """The faiss searches of decontamination on random 512-d embeddings and random 64-bit phashes."""
+    from curate.decontaminate import _Finder
+
+    rng = np.random.default_rng(3)
+    train = rng.standard_normal((rows, 512), dtype=np.float32)
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    eval_emb = rng.standard_normal((evals, 512), dtype=np.float32)
+    eval_emb /= np.linalg.norm(eval_emb, axis=1, keepdims=True)
+    train_hash = rng.integers(0, 256, (rows, 8), dtype=np.uint8)
+    eval_hash = rng.integers(0, 256, (evals, 8), dtype=np.uint8)
+    table = pa.table({"uid": pa.array([str(i) for i in range(rows)]), "class_name": pa.array(["c"] * rows)})
+    finder = _Finder(table, np.ones(rows, dtype=bool), [str(i) for i in range(evals)], 4, 0.95)
+    steps = [("eval phash (multi-index hashing)", lambda: finder.against_eval("phash", train_hash, eval_hash, np.arange(evals))),
+             ("eval CLIP (exact IP, blocked torch)", lambda: finder.against_eval("clip", train, eval_emb, np.arange(evals))),
+             ("in-train phash (greedy)", lambda: finder.inside_train("phash", train_hash)),
+             ("in-train CLIP (greedy, exact IP)", lambda: finder.inside_train("clip", train))]
+    results = []
+    for what, step in steps:
+        started = time.perf_counter()
+        step()
+        results.append((what, rows, evals, time.perf_counter() - started))
+    return results
+
+
 # ---------------------------------------------------------------- main
 def _rmtree(path: Path) -> None:
     import shutil
@@ -248,6 +274,8 @@ def main() -> None:
     parser.add_argument("--memory-candidates", type=int, default=200_000, help="manifest rows in the memory part")
     parser.add_argument("--images", type=int, default=384, help="images for the image path ('0' = skip)")
     parser.add_argument("--vit-b16", type=int, default=0, help="also time ViT-B-16 forward on N images (0 = skip)")
+    parser.add_argument("--decon-rows", type=int, default=50_000, help="training rows for (c) (0 = skip)")
+    parser.add_argument("--decon-evals", type=int, default=5_000, help="eval images for (c)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
@@ -278,6 +306,11 @@ def main() -> None:
             print(f"{'what':64s} {'images':>7s} {'seconds':>8s} {'img/s':>8s}")
             for what, n, seconds in bench_images(args, work):
                 print(f"{what:64s} {n:7d} {seconds:8.2f} {n / seconds:8.0f}")
+        if args.decon_rows:
+            print("\n(c) decontamination searches, random 512-d embeddings / 64-bit hashes")
+            print(f"{'what':40s} {'train':>8s} {'eval':>7s} {'seconds':>8s} {'train rows/s':>13s}")
+            for what, rows, evals, seconds in bench_decontamination(args.decon_rows, args.decon_evals):
+                print(f"{what:40s} {rows:8d} {evals:7d} {seconds:8.2f} {rows / seconds:13,.0f}")
 
 
 if __name__ == "__main__":
