@@ -192,3 +192,26 @@ def test_cli_rejects_bad_decontamination_input(planted, tmp_path, setup, message
                                       "--clip-model", "tiny-clip", "--decontaminate", str(eval_dir), *extra])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_flat_inner_product_search_matches_faiss(monkeypatch):
+    import faiss
+
+    from curate.decontaminate import _FlatIP
+
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((300, 16)).astype(np.float32)
+    queries = np.concatenate([base[:20] + 0.05 * rng.standard_normal((20, 16)).astype(np.float32),
+                              rng.standard_normal((30, 16)).astype(np.float32)])
+    ours, theirs = _FlatIP(16), faiss.IndexFlatIP(16)
+    monkeypatch.setattr(_FlatIP, "PART", 64)  # several parts
+    ours.add(base)
+    theirs.add(base)
+    (v1, i1), (v2, i2) = ours.search(queries, 1), theirs.search(queries, 1)
+    assert (i1 == i2).all() and np.allclose(v1, v2, atol=1e-4)
+    l1, d1, r1 = ours.range_search(queries, 3.0)
+    l2, d2, r2 = theirs.range_search(queries, 3.0)
+    assert (l1 == l2).all()
+    for q in range(len(queries)):
+        assert sorted(r1[l1[q]:l1[q + 1]]) == sorted(r2[l2[q]:l2[q + 1]])
+    assert _FlatIP(16).search(queries[:2], 1)[1].tolist() == [[-1], [-1]]
