@@ -174,6 +174,7 @@ class _Metric:
 
     def index(self, dim: int):
         if self.method == "phash":  # multi-index hashing: exact for Hamming radius <= limit
+            logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its import chatter
             import faiss
 
             chunks = int(self.limit) + 1

@@ -11,7 +11,6 @@ the default radius 4 is tested on synthetic hashes.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
