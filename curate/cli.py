@@ -153,6 +153,48 @@ def download(**options) -> None:
     click.echo(run_download(**options).summary())
 
 
+# ---------------------------------------------------------------- filter
+@cli.command("filter", context_settings=CONTEXT)
+@click.option("--task", "-t", required=True, help="Builtin task name or task file.")
+@click.option("--manifest", "-m", required=True, type=click.Path(), help="manifest.parquet (or its folder) to score.")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (manifest.parquet + report.json).")
+@click.option("--embeddings", type=click.Path(), default=None,
+              help="clip-retrieval folder (img_emb/ + metadata/) of precomputed image embeddings; "
+                   "default: read the manifest's images.")
+@click.option("--clip-model", default="ViT-B-16", show_default=True, help="open_clip architecture, model folder or tiny-clip.")
+@click.option("--clip-pretrained", default=None,
+              help="open_clip tag or checkpoint path (default: laion2b_s34b_b88k for ViT-B-16, none for tiny-*).")
+@click.option("--threshold", type=float, default=0.2, show_default=True, help="Keep rows with score >= this, in [-1, 1].")
+@click.option("--percentile", type=float, default=None, help="Instead keep the top P% of each class (0 < P <= 100).")
+@click.option("--mode", type=click.Choice(["domain", "classname"]), default="domain", show_default=True,
+              help="Score against the task's domain texts (max) or the row's class text (templates averaged).")
+@click.option("--per-class-cap", type=int, default=None, help="Then keep at most N rows per class, best first.")
+@click.option("--decontaminate", "decontaminate", type=click.Path(), default=None,
+              help="Eval image folder: drop near-duplicates of its images (phash, CLIP) and inside the kept set.")
+@click.option("--phash-distance", type=int, default=4, show_default=True, help="Decontamination: max phash Hamming distance.")
+@click.option("--cosine-threshold", type=float, default=0.95, show_default=True,
+              help="Decontamination: min CLIP cosine of a near-duplicate.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the tie-break for --percentile/--per-class-cap.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def filter_command(**options) -> None:
+    """Score rows with CLIP against the task (seed 004: keep score >= 0.2) and optionally decontaminate.
+
+    \b
+    Example (downloaded images, protocol defaults: ViT-B-16 laion2b_s34b_b88k, domain texts, 0.2):
+      curate filter --task fgvc-aircraft --manifest aircraft-images/manifest.parquet --out aircraft-filtered \\
+        --decontaminate eval/fgvc-aircraft
+    Example (precomputed LAION embeddings, before downloading; top 30% per class):
+      curate filter --task flowers102 --manifest flower-candidates --embeddings laion-emb/ --percentile 30 --out f30
+    """
+    from curate.filter import filter_images
+
+    result = filter_images(**options)
+    click.echo(result.summary())
+
+
 # ---------------------------------------------------------------- demo
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", "-o", type=click.Path(), default=None, help="Folder for the demo run (default: a temp folder).")

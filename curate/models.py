@@ -106,6 +106,46 @@ def encode_texts(bundle: ClipBundle, texts: list[str], device: str = "cpu"):
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
+def default_pretrained(name: str) -> str | None:
+    """The pretrained tag used when none is given: DEFAULT_CLIP's for its architecture, none for builtin
+    models and model folders, else open_clip's first listed tag for that architecture (None if it has none)."""
+    if name in builtin_model_names() or Path(name).is_dir():
+        return None
+    if name == DEFAULT_CLIP[0]:
+        return DEFAULT_CLIP[1]
+    tags = _open_clip().list_pretrained_tags_by_model(name)
+    return tags[0] if tags else None
+
+
+def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
+    """None -> `default_pretrained(name)`; '' -> no weights (None); anything else as given."""
+    if pretrained is None:
+        return default_pretrained(name)
+    return pretrained or None
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is returned as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def encode_images(bundle: ClipBundle, images, device: str = "cpu"):
+    """L2-normalised float32 image embeddings of a preprocessed batch (autocast fp16 on CUDA)."""
+    import contextlib
+
+    import torch
+
+    on_cuda = str(device).startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.float16) if on_cuda else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        features = bundle.model.encode_image(images.to(device, non_blocking=on_cuda))
+    return torch.nn.functional.normalize(features.float(), dim=-1)
+
+
 def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
     """Map (name, pretrained) to open_clip's (architecture, pretrained) arguments."""
     _register_builtin_configs()

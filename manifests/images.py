@@ -34,6 +34,12 @@ def image_layout(table: pa.Table) -> str:
     raise CurateError(NO_IMAGES)
 
 
+def image_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """uid + image location of every row (what `open_image` needs), in manifest order."""
+    location = ["image_path"] if image_layout(table) == "files" else ["shard", "key"]
+    return table.select(["uid", *location]).to_pylist()
+
+
 def has_images(table: pa.Table) -> bool:
     """True if the manifest carries image locations (image_path, or shard + key)."""
     try:

@@ -1,0 +1,727 @@
+"""`curate filter`: score a manifest against the task with CLIP and keep the relevant rows (DESIGN §5, §6).
+
+Seed 004's protocol: the cosine of L2-normalised open_clip image and text embeddings (ViT-B-16,
+laion2b_s34b_b88k by default). `domain` mode scores a row by its maximum over the task's domain
+texts; `classname` mode by the row's class's template-averaged text embedding. Rows are kept when
+score >= threshold (0.2), or when they are in the top P % of their class; then, optionally,
+decontamination against eval images (curate/decontaminate.py) and a per-class cap.
+
+Image embeddings come from one of two readers, both yielding (manifest row indices, embeddings):
+  * `_iter_image_embeddings`: the manifest's images, decoded in DataLoader workers, encoded by the model;
+  * `_iter_precomputed`: a clip-retrieval folder (img_emb/img_emb_N.npy + metadata/metadata_N.parquet),
+    streamed shard by shard and chunk by chunk, matched to the manifest by url (or uid).
+`score_embeddings` is the scoring core both share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.errors import CurateError
+from manifests.images import has_images, image_rows, open_image
+
+log = logging.getLogger(__name__)
+
+MODES = ("domain", "classname")
+HIST_BINS = 40
+CHUNK_ROWS = 8192  # precomputed embeddings are scored this many rows at a time (flat memory)
+MAX_LISTED_UNREADABLE = 1000
+_META_KEYS = (("url", ("url", "URL")), ("source_uid", ("uid",)), ("uid", ("uid",)))  # manifest col, metadata cols
+
+
+@dataclasses.dataclass
+class FilterResult:
+    """What `filter_images` wrote and counted."""
+
+    out: Path
+    report: dict[str, Any]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.report["counts"]
+
+    def summary(self) -> str:
+        c = self.counts
+        rule = self.report["rule"]
+        return (
+            f"filter {self.report['task']}: kept {c['kept']} of {c['input']} rows ({rule}); "
+            f"unreadable {c['unreadable']}, no embedding {c['missing_embedding']}, "
+            f"below score {c['dropped_score']}, decontaminated {c['decontaminated']}, capped {c['capped']} -> {self.out}"
+        )
+
+
+@dataclasses.dataclass
+class _Scored:
+    """Scores of every manifest row (NaN = not scored) and what the reader saw."""
+
+    scores: np.ndarray
+    unreadable: dict[int, str]
+    missing: np.ndarray
+    embeddings: np.ndarray | None = None  # float16 (n, d), kept only for decontamination
+    phash: np.ndarray | None = None  # uint8 (n, 8), image path only
+
+
+def filter_images(
+    task: str | Path,
+    manifest: str | Path,
+    out: str | Path,
+    *,
+    clip_model: str = "ViT-B-16",
+    clip_pretrained: str | None = None,
+    mode: str = "domain",
+    threshold: float = 0.2,
+    percentile: float | None = None,
+    per_class_cap: int | None = None,
+    seed: int = 0,
+    embeddings: str | Path | None = None,
+    decontaminate: str | Path | None = None,
+    phash_distance: int = 4,
+    cosine_threshold: float = 0.95,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> FilterResult:
+    """Score every row of `manifest` against `task` with CLIP and write the kept rows to `out`.
+
+    Args:
+      clip_pretrained: open_clip tag or checkpoint path; None = the model's default (laion2b_s34b_b88k
+        for ViT-B-16, none for builtin tiny-* models); '' = no weights.
+      mode: 'domain' (max cosine over the task's domain texts) or 'classname' (the row's class text).
+      threshold: keep score >= threshold, in [-1, 1]; ignored when `percentile` is given.
+      percentile: keep the top P % (0 < P <= 100) of each class instead (ceil(n * P / 100) rows).
+      per_class_cap: then keep at most N rows per class, best scores first.
+      seed: seeds the deterministic tie-break (hash of uid) of percentile and cap.
+      embeddings: a clip-retrieval folder of precomputed image embeddings; else the manifest's images.
+      decontaminate: an eval image folder; drop near-duplicates of its images and inside the kept set.
+    Returns a FilterResult; writes OUT/manifest.parquet (+ clip_score), OUT/report.json,
+    OUT/score_hist.png and, with `decontaminate`, OUT/decontamination.parquet.
+    """
+    from curate.models import load_clip, resolve_device, resolve_pretrained
+    from curate.tasks import load_task
+    from manifests.io import read_manifest, staged_output_dir
+
+    _check_options(mode, threshold, percentile, per_class_cap, batch_size, workers)
+    started = time.perf_counter()
+    task_obj = load_task(task)
+    table = read_manifest(manifest)
+    manifest_dir = Path(manifest) if Path(manifest).is_dir() else Path(manifest).parent
+    _check_labels(table, task_obj)
+    if embeddings is None:
+        _check_image_columns(table)
+    if decontaminate is not None:  # fail on a bad eval folder before the long scoring pass
+        from curate.decontaminate import check_options, list_eval_images
+
+        check_options(phash_distance, cosine_threshold)
+        list_eval_images(Path(decontaminate))
+    with staged_output_dir(out, overwrite) as stage:
+        device = resolve_device(device)
+        pretrained = resolve_pretrained(clip_model, clip_pretrained)
+        bundle = load_clip(clip_model, pretrained, device)
+        text, texts = _text_matrix(bundle, task_obj, mode, device)
+        columns = table.column("label").to_numpy() if mode == "classname" else None
+        keep_extra = decontaminate is not None
+        if embeddings is not None:
+            scored = _score_precomputed(table, Path(embeddings), text, columns, keep_extra, bundle.name)
+        else:
+            reader = dict(batch_size=batch_size, workers=workers, device=device)
+            scored = _score_images(table, manifest_dir, bundle, text, columns, keep_extra, reader)
+        selection = _select(table, scored, threshold, percentile, per_class_cap, seed)
+        decon = None
+        if decontaminate is not None:
+            decon = _run_decontamination(table, manifest_dir, decontaminate, scored, selection, bundle,
+                                         dict(phash_distance=phash_distance, cosine_threshold=cosine_threshold,
+                                              batch_size=batch_size, workers=workers, device=device))
+        kept = _apply_cap(selection, scored.scores, per_class_cap)
+        settings = dict(task=task_obj, model=(clip_model, pretrained), device=device, mode=mode, texts=texts,
+                        threshold=threshold, percentile=percentile, per_class_cap=per_class_cap, seed=seed,
+                        embeddings=embeddings, decontaminate=decontaminate, started=started)
+        report = _write_outputs(stage, table, scored, selection, kept, decon, settings)
+    log.info("filter: kept %d of %d rows -> %s", report["counts"]["kept"], report["counts"]["input"], out)
+    return FilterResult(out=Path(out), report=report)
+
+
+# ---------------------------------------------------------------- options and inputs
+def _check_options(mode, threshold, percentile, per_class_cap, batch_size, workers) -> None:
+    if mode not in MODES:
+        raise CurateError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+    if threshold is None or not -1.0 <= float(threshold) <= 1.0:
+        raise CurateError(f"threshold must be in [-1, 1], got {threshold}")
+    if percentile is not None and not 0.0 < float(percentile) <= 100.0:
+        raise CurateError(f"percentile must be in (0, 100], got {percentile}")
+    if per_class_cap is not None and per_class_cap < 1:
+        raise CurateError(f"per-class cap must be at least 1, got {per_class_cap}")
+    if batch_size < 1 or workers < 0:
+        raise CurateError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
+
+
+def _check_labels(table: pa.Table, task) -> None:
+    if not table.num_rows:
+        return
+    top = pc.max(table.column("label")).as_py()
+    if top >= len(task.classes):
+        raise CurateError(f"manifest label {top} is out of range for task '{task.name}' ({len(task.classes)} classes)")
+
+
+def _check_image_columns(table: pa.Table) -> None:
+    if not has_images(table):
+        raise CurateError("manifest has no images (image_path or shard/key): download them first (curate download) "
+                          "or give precomputed embeddings with --embeddings DIR")
+
+
+def _text_matrix(bundle, task, mode: str, device: str) -> tuple[np.ndarray, list[str]]:
+    """(embed_dim, n_texts) float32 normalised text embeddings: domain texts, or one column per class."""
+    from curate.models import encode_texts, text_classifier
+
+    if mode == "domain":
+        if not task.domain_text:
+            raise CurateError(f"task '{task.name}' has no domain_text: add one, or use --mode classname")
+        matrix = encode_texts(bundle, list(task.domain_text), device=device).T
+        texts = list(task.domain_text)
+    else:
+        matrix = text_classifier(bundle, task.class_names, list(task.templates), device=device)
+        texts = list(task.templates)
+    return np.ascontiguousarray(matrix.float().cpu().numpy()), texts
+
+
+# ---------------------------------------------------------------- scoring core
+def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
+    """Cosine scores of image embeddings `x` (n, d; fp16 or fp32, normalised or not) against text.
+
+    `text` is (d, T) normalised; with `columns` (n,) each row is scored against its own text column
+    (classname mode), else by its maximum over all T columns (domain mode). Works through `block`
+    rows at a time in a cache-sized fp32 buffer, on one thread (these small memory-bound steps gain
+    nothing from more, and OpenMP threads spin badly on a shared machine). Returns float32 (n,).
+    """
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # a read-only memmap slice: only read here, never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        feats = torch.as_tensor(x)
+    text_t = torch.as_tensor(text)
+    cols = None if columns is None else torch.as_tensor(columns, dtype=torch.long)
+    out = torch.empty(len(feats), dtype=torch.float32)
+    buffer = torch.empty((min(block, len(feats)), feats.shape[1]), dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for start in range(0, len(feats), block):
+            part = buffer[: min(block, len(feats) - start)]
+            part.copy_(feats[start:start + len(part)])  # fp16 -> fp32, stays in cache
+            if cols is None:
+                sims = (part @ text_t).amax(dim=1)
+            else:
+                sims = (part * text_t.T[cols[start:start + len(part)]]).sum(dim=1)
+            out[start:start + len(part)] = sims / torch.linalg.vector_norm(part, dim=1).clamp_min(1e-12)
+    finally:
+        torch.set_num_threads(threads)
+    return out.numpy()
+
+
+def _new_scored(n: int, dim: int, keep_extra: bool, with_phash: bool) -> _Scored:
+    return _Scored(
+        scores=np.full(n, np.nan, dtype=np.float32),
+        unreadable={},
+        missing=np.zeros(n, dtype=bool),
+        embeddings=np.zeros((n, dim), dtype=np.float16) if keep_extra else None,
+        phash=np.zeros((n, 8), dtype=np.uint8) if keep_extra and with_phash else None,
+    )
+
+
+# ---------------------------------------------------------------- reader 1: the manifest's images
+class ImageRows:
+    """Map-style dataset over image rows: (index, pixels, phash bytes, error message or '').
+
+    A row that cannot be read gives zero pixels and its error instead of raising, so one bad file
+    never stops a run. Plain class (no torch import here) so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], base_dir: Path, preprocess, image_size: int, with_phash: bool):
+        self.rows, self.base_dir, self.preprocess = rows, Path(base_dir), preprocess
+        self.image_size, self.with_phash = image_size, with_phash
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        try:
+            image = open_image(self.rows[index], self.base_dir)
+            pixels = self.preprocess(image)
+            digest = _phash_bytes(image) if self.with_phash else np.zeros(8, dtype=np.uint8)
+            return index, pixels, digest, ""
+        except Exception as exc:  # noqa: BLE001 -- any decode failure is a counted, listed skip
+            blank = torch.zeros(3, self.image_size, self.image_size)
+            return index, blank, np.zeros(8, dtype=np.uint8), f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _phash_bytes(image) -> np.ndarray:
+    import imagehash
+
+    return np.packbits(imagehash.phash(image).hash.reshape(-1))
+
+
+def image_loader(dataset: ImageRows, batch_size: int, workers: int, device: str = "cpu"):
+    """A batched DataLoader over `dataset` in order."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=str(device).startswith("cuda"), persistent_workers=False)
+
+
+def iter_image_embeddings(bundle, dataset: ImageRows, *, batch_size: int, workers: int, device: str, desc: str):
+    """Yield (indices, normalised embeddings (b, d) float32 or None, phash (b, 8) uint8, error messages,
+    ok mask) per batch; rows that could not be read (ok False) have meaningless embeddings."""
+    from tqdm import tqdm
+
+    from curate.models import encode_images
+
+    with tqdm(total=len(dataset), unit="img", desc=desc, leave=False) as bar:
+        for indices, pixels, digests, errors in image_loader(dataset, batch_size, workers, device):
+            ok = np.array([not e for e in errors], dtype=bool)
+            feats = encode_images(bundle, pixels, device).cpu().numpy() if ok.any() else None
+            yield indices.numpy(), feats, digests.numpy(), list(errors), ok
+            bar.update(len(errors))
+
+
+def _score_images(table, manifest_dir, bundle, text, columns, keep_extra, reader) -> _Scored:
+    rows = image_rows(table)
+    scored = _new_scored(len(rows), text.shape[0], keep_extra, with_phash=True)
+    dataset = ImageRows(rows, manifest_dir, bundle.preprocess_val, bundle.image_size, with_phash=keep_extra)
+    for indices, feats, digests, errors, ok in iter_image_embeddings(bundle, dataset, desc="clip score", **reader):
+        for index, error in zip(indices[~ok], np.asarray(errors, dtype=object)[~ok]):
+            scored.unreadable[int(index)] = error
+        if feats is None:
+            continue
+        good = indices[ok]
+        scored.scores[good] = score_embeddings(feats[ok], text, None if columns is None else columns[good])
+        if keep_extra:
+            scored.embeddings[good] = feats[ok]
+            scored.phash[good] = digests[ok]
+    if scored.unreadable:
+        log.warning("%d image(s) could not be read and were skipped", len(scored.unreadable))
+    return scored
+
+
+# ---------------------------------------------------------------- reader 2: precomputed embeddings
+def embedding_shards(emb_dir: Path) -> list[tuple[Path, Path, int]]:
+    """(npy, metadata parquet, rows) of each shard of a clip-retrieval folder, in shard order; checks
+    that every shard has both files and that their row counts agree."""
+    import pyarrow.parquet as pq
+
+    npys = _numbered(emb_dir / "img_emb", "img_emb_", ".npy")
+    metas = _numbered(emb_dir / "metadata", "metadata_", ".parquet")
+    if not metas:
+        raise CurateError(f"embeddings folder {emb_dir} has no metadata/metadata_N.parquet shards")
+    for number in sorted(set(metas) ^ set(npys)):
+        have, lack = (f"metadata/metadata_{number}.parquet", f"img_emb/img_emb_{number}.npy")
+        if number in npys:
+            have, lack = lack, have
+        raise CurateError(f"embeddings shard {number}: {emb_dir / have} has no matching {lack}")
+    shards = []
+    for number in sorted(metas):
+        rows = _npy_shape(npys[number])[0]
+        meta_rows = pq.ParquetFile(metas[number]).metadata.num_rows
+        if rows != meta_rows:
+            raise CurateError(f"embeddings shard {number}: {npys[number]} has {rows} rows but "
+                              f"{metas[number]} has {meta_rows}; the shards are misaligned")
+        shards.append((npys[number], metas[number], rows))
+    return shards
+
+
+def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
+    found = {}
+    for path in folder.glob(f"{prefix}*{suffix}") if folder.is_dir() else ():
+        number = path.name[len(prefix):-len(suffix)]
+        if number.isdigit():
+            found[int(number)] = path
+    return found
+
+
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise CurateError(f"cannot read embeddings {path}: {exc}") from None
+    if array.ndim != 2:
+        raise CurateError(f"embeddings {path} must be a 2-d array, got shape {array.shape}")
+    return array.shape
+
+
+def _match_keys(table: pa.Table, meta_path: Path) -> tuple[str, str]:
+    """(manifest column, metadata column) that join the manifest to the embeddings' metadata."""
+    import pyarrow.parquet as pq
+
+    meta_cols = set(pq.read_schema(meta_path).names)
+    for manifest_col, candidates in _META_KEYS:
+        for meta_col in candidates:
+            if manifest_col in table.column_names and meta_col in meta_cols:
+                return manifest_col, meta_col
+    raise CurateError(f"cannot match the manifest to {meta_path}: it needs a url (or uid) column that the manifest "
+                      f"also has; metadata columns: {sorted(meta_cols)}")
+
+
+class _KeyIndex:
+    """The manifest's distinct join keys and, for each, the manifest rows that carry it (CSR).
+
+    Metadata keys are looked up by their 64-bit hash (DuckDB's `hash`) in a hash table of the manifest
+    keys' hashes (a pandas UInt64 index), built once; hits are then checked for string equality. So a
+    shard costs O(its rows), not O(manifest rows). Colliding manifest hashes fall back to `pc.index_in`.
+    """
+
+    def __init__(self, keys: pa.Array):
+        import duckdb
+
+        keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+        self.unique = pc.unique(keys.drop_null())
+        if keys.null_count == 0 and len(self.unique) == len(keys):  # distinct keys: unique keeps row order
+            key_of_row = np.arange(len(keys), dtype=np.int64)
+        else:
+            key_of_row = pc.index_in(keys, value_set=self.unique).fill_null(-1).to_numpy(zero_copy_only=False)
+        has_key = np.flatnonzero(key_of_row >= 0)
+        self.rows_by_key = has_key[np.argsort(key_of_row[has_key], kind="stable")]
+        self.counts = np.bincount(key_of_row[has_key], minlength=len(self.unique))
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        self.found = np.zeros(len(self.unique), dtype=bool)
+        self._db = duckdb.connect()
+        import pandas as pd
+
+        self.by_hash = pd.Index(self._hash(self.unique))
+        self.hashed = self.by_hash.is_unique
+
+    def _hash(self, values: pa.Array) -> np.ndarray:
+        self._db.register("_keys", pa.table({"k": values}))
+        try:
+            return self._db.execute("SELECT hash(k) AS h FROM _keys").fetchnumpy()["h"].astype(np.uint64, copy=False)
+        finally:
+            self._db.unregister("_keys")
+
+    def _key_ids(self, meta_keys: pa.Array) -> np.ndarray:
+        """Key id of each metadata row, -1 where the manifest does not hold its key."""
+        if not self.hashed:
+            return pc.index_in(meta_keys, value_set=self.unique).fill_null(-1).to_numpy(zero_copy_only=False)
+        ids = self.by_hash.get_indexer(self._hash(meta_keys)).astype(np.int64, copy=False)
+        hit = np.flatnonzero(ids >= 0)
+        candidates = ids[hit]
+        ids[hit] = -1
+        same = pc.equal(meta_keys.take(pa.array(hit)), self.unique.take(pa.array(candidates)))
+        same = same.fill_null(False).to_numpy(zero_copy_only=False)
+        ids[hit[same]] = candidates[same]
+        return ids
+
+    def key_ids(self, meta_keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Key id of each metadata row, -1 where the manifest does not hold its key (thread-safe: pure)."""
+        if isinstance(meta_keys, pa.ChunkedArray):
+            meta_keys = meta_keys.combine_chunks()
+        if meta_keys.type != self.unique.type:
+            try:
+                meta_keys = meta_keys.cast(self.unique.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise CurateError(f"embedding metadata keys cannot be compared with the manifest's: {exc}") from None
+        return self._key_ids(meta_keys)
+
+    def claim(self, key_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(metadata row positions, key ids) of the rows whose key is wanted and not found in an earlier
+        shard or row: the first embedding of a key wins. Call in shard order."""
+        positions = np.flatnonzero(key_ids >= 0)
+        key_ids = key_ids[positions]
+        _, first = np.unique(key_ids, return_index=True)
+        first = np.sort(first[~self.found[key_ids[first]]])
+        self.found[key_ids[first]] = True
+        return positions[first], key_ids[first]
+
+    def expand(self, key_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(manifest rows, index into key_ids or None for 'one row each') for the manifest rows carrying `key_ids`."""
+        counts = self.counts[key_ids]
+        if (counts == 1).all():
+            return self.rows_by_key[self.starts[key_ids]], None
+        source = np.repeat(np.arange(len(key_ids)), counts)
+        offsets = np.arange(len(source)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return self.rows_by_key[self.starts[key_ids][source] + offsets], source
+
+
+def _iter_precomputed(table: pa.Table, emb_dir: Path, dim: int, model_name: str) -> Iterator[tuple]:
+    """Yield (manifest rows, embeddings) chunk by chunk, streaming one mmap-ed shard at a time.
+
+    The next shard's metadata is read and hashed in a background thread while this one is scored.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    shards = embedding_shards(emb_dir)
+    for npy, _, _ in shards:
+        width = _npy_shape(npy)[1]
+        if width != dim:
+            raise CurateError(f"embeddings {npy} have dimension {width} but model '{model_name}' embeds to {dim}; "
+                              "use the model the embeddings were computed with")
+    manifest_col, meta_col = _match_keys(table, shards[0][1])
+    index = _KeyIndex(table.column(manifest_col))
+    bar = tqdm(total=sum(s[2] for s in shards), unit="row", unit_scale=True, desc="clip score", leave=False)
+    with bar, ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_shard_key_ids, index, shards[0][1], meta_col)
+        for number, (npy, _, rows) in enumerate(shards):
+            key_ids = pending.result()
+            if number + 1 < len(shards):
+                pending = pool.submit(_shard_key_ids, index, shards[number + 1][1], meta_col)
+            positions, key_ids = index.claim(key_ids)
+            array = np.load(npy, mmap_mode="r")
+            for start in range(0, len(positions), CHUNK_ROWS):
+                manifest_rows, source = index.expand(key_ids[start:start + CHUNK_ROWS])
+                feats = _gather(array, positions[start:start + CHUNK_ROWS])
+                yield manifest_rows, (feats if source is None else feats[source])
+            del array
+            bar.update(rows)
+
+
+def _shard_key_ids(index: _KeyIndex, meta: Path, meta_col: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    return index.key_ids(pq.read_table(meta, columns=[meta_col]).column(meta_col))
+
+
+def _gather(array: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Rows of a memory-mapped array: a slice when they are contiguous, else a fancy-index copy."""
+    if len(positions) and positions[-1] - positions[0] == len(positions) - 1:
+        return np.asarray(array[positions[0]:positions[-1] + 1])
+    return array[positions]
+
+
+def _score_precomputed(table, emb_dir: Path, text, columns, keep_extra: bool, model_name: str) -> _Scored:
+    if not emb_dir.is_dir():
+        raise CurateError(f"embeddings folder not found: {emb_dir}")
+    scored = _new_scored(table.num_rows, text.shape[0], keep_extra, with_phash=False)
+    for rows, feats in _iter_precomputed(table, emb_dir, text.shape[0], model_name):
+        scored.scores[rows] = score_embeddings(feats, text, None if columns is None else columns[rows])
+        if keep_extra:
+            norms = np.linalg.norm(feats.astype(np.float32), axis=1, keepdims=True).clip(1e-12)
+            scored.embeddings[rows] = feats / norms
+    scored.missing = np.isnan(scored.scores)
+    if scored.missing.any():
+        log.warning("%d manifest row(s) have no precomputed embedding and were dropped", int(scored.missing.sum()))
+    return scored
+
+
+# ---------------------------------------------------------------- selection (pure functions over arrays)
+@dataclasses.dataclass
+class _Selection:
+    keep: np.ndarray  # rows passing the score rule
+    labels: np.ndarray
+    tiebreak: np.ndarray | None  # seeded hash of the uid, for percentile and cap
+
+
+def _select(table, scored: _Scored, threshold, percentile, per_class_cap, seed) -> _Selection:
+    labels = table.column("label").to_numpy()
+    tiebreak = None
+    if percentile is not None or per_class_cap is not None:
+        tiebreak = uid_tiebreak(table.column("uid").to_pylist(), seed)
+    keep = select_by_score(scored.scores, labels, tiebreak, threshold=threshold, percentile=percentile)
+    return _Selection(keep=keep, labels=labels, tiebreak=tiebreak)
+
+
+def uid_tiebreak(uids: list[str], seed: int) -> np.ndarray:
+    """A seeded hash rank per uid: breaks score ties, the same on every run."""
+    from manifests.uid import hashed_subset_rank
+
+    return np.fromiter((hashed_subset_rank(uid, seed) for uid in uids), dtype=np.uint64, count=len(uids))
+
+
+def rank_within_class(candidates: np.ndarray, scores, labels, tiebreak) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates ordered by (label, score descending, tie-break), and each one's rank inside its class."""
+    order = candidates[np.lexsort((tiebreak[candidates], -scores[candidates], labels[candidates]))]
+    sorted_labels = labels[order]
+    _, starts, counts = np.unique(sorted_labels, return_index=True, return_counts=True)
+    ranks = np.arange(len(order)) - np.repeat(starts, counts)
+    return order, ranks
+
+
+def select_by_score(scores, labels, tiebreak, threshold: float = 0.2, percentile: float | None = None) -> np.ndarray:
+    """Mask of rows to keep: score >= threshold, or (percentile) the top ceil(n_c * P / 100) of each
+    class c by score, ties broken by `tiebreak`. Unscored (NaN) rows are never kept."""
+    scored = ~np.isnan(scores)
+    if percentile is None:
+        return scored & (np.nan_to_num(scores, nan=-np.inf) >= threshold)
+    keep = np.zeros(len(scores), dtype=bool)
+    order, ranks = rank_within_class(np.flatnonzero(scored), scores, labels, tiebreak)
+    _, counts = np.unique(labels[order], return_counts=True)
+    quota = np.ceil(counts * (percentile / 100.0) - 1e-9).astype(np.int64)
+    keep[order[ranks < np.repeat(quota, counts)]] = True
+    return keep
+
+
+def cap_per_class(keep: np.ndarray, scores, labels, tiebreak, cap: int | None) -> np.ndarray:
+    """Keep at most `cap` of the kept rows per class, best scores first (ties by `tiebreak`)."""
+    if cap is None:
+        return keep
+    order, ranks = rank_within_class(np.flatnonzero(keep), scores, labels, tiebreak)
+    capped = np.zeros(len(keep), dtype=bool)
+    capped[order[ranks < cap]] = True
+    return capped
+
+
+def _apply_cap(selection: _Selection, scores, cap) -> np.ndarray:
+    return cap_per_class(selection.keep, scores, selection.labels, selection.tiebreak, cap)
+
+
+# ---------------------------------------------------------------- decontamination
+def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selection: _Selection, bundle, options):
+    """Decontaminate the rows passing the score rule; clears `selection.keep` for the dropped ones."""
+    from curate.decontaminate import decontaminate
+
+    rows = np.flatnonzero(selection.keep)
+    result = decontaminate(
+        table.take(pa.array(rows)), manifest_dir, eval_dir, bundle=bundle,
+        train_embeddings=scored.embeddings[rows],
+        train_phash=None if scored.phash is None else scored.phash[rows],
+        **options,
+    )
+    selection.keep[rows[~result.keep]] = False
+    return result
+
+
+# ---------------------------------------------------------------- outputs
+def _write_outputs(stage: Path, table, scored: _Scored, selection: _Selection, kept, decon, settings) -> dict:
+    from manifests.io import write_manifest, write_report
+
+    rows = np.flatnonzero(kept)
+    out_table = _with_scores(table.take(pa.array(rows, type=pa.int64())), scored.scores[rows])
+    write_manifest(out_table, stage / "manifest.parquet")
+    if decon is not None:
+        decon.write(stage / "decontamination.parquet")
+    report = _report(table, scored, selection, kept, decon, settings)
+    _plot_histogram(stage / "score_hist.png", scored.scores, kept, report)
+    return write_report(stage, report)
+
+
+def _with_scores(table: pa.Table, scores: np.ndarray) -> pa.Table:
+    column = pa.array(scores.astype(np.float32), type=pa.float32())
+    if "clip_score" in table.column_names:
+        return table.set_column(table.column_names.index("clip_score"), "clip_score", column)
+    return table.append_column("clip_score", column)
+
+
+def _report(table, scored: _Scored, selection: _Selection, kept, decon, settings) -> dict[str, Any]:
+    task, (model, pretrained) = settings["task"], settings["model"]
+    seconds = time.perf_counter() - settings["started"]
+    valid = ~np.isnan(scored.scores)
+    decon_dropped = 0 if decon is None else int((~decon.keep).sum())
+    counts = {
+        "input": table.num_rows,
+        "scored": int(valid.sum()),
+        "unreadable": len(scored.unreadable),
+        "missing_embedding": int(scored.missing.sum()),
+        "dropped_score": int(valid.sum() - selection.keep.sum() - decon_dropped),
+        "decontaminated": decon_dropped,
+        "capped": int(selection.keep.sum() - kept.sum()),
+        "kept": int(kept.sum()),
+        "dropped": int(table.num_rows - kept.sum()),
+    }
+    return {
+        "stage": "filter",
+        "task": task.name,
+        "model": {"name": model, "pretrained": pretrained},
+        "device": settings["device"],
+        "mode": settings["mode"],
+        "texts": settings["texts"],
+        "rule": _rule_text(settings),
+        "threshold": None if settings["percentile"] is not None else settings["threshold"],
+        "percentile": settings["percentile"],
+        "per_class_cap": settings["per_class_cap"],
+        "seed": settings["seed"],
+        "source": "embeddings" if settings["embeddings"] is not None else "images",
+        "embeddings": None if settings["embeddings"] is None else str(settings["embeddings"]),
+        "counts": counts,
+        "per_class": _per_class(task, selection.labels, valid, kept),
+        "score_stats": _score_stats(scored.scores[valid]),
+        "histogram": _histogram(scored.scores, kept),
+        "unreadable_rows": _unreadable_rows(table, scored.unreadable),
+        "decontamination": None if decon is None else decon.summary(),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(table.num_rows / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def _rule_text(settings) -> str:
+    if settings["percentile"] is not None:
+        rule = f"top {settings['percentile']:g}% per class"
+    else:
+        rule = f"score >= {settings['threshold']:g}"
+    if settings["per_class_cap"] is not None:
+        rule += f", cap {settings['per_class_cap']} per class"
+    return f"{settings['mode']} {rule}"
+
+
+def _per_class(task, labels, valid, kept) -> dict[str, dict[str, int]]:
+    n = len(task.classes)
+    total = np.bincount(labels, minlength=n)
+    scored = np.bincount(labels[valid], minlength=n)
+    kept_n = np.bincount(labels[kept], minlength=n)
+    return {
+        name: {"input": int(total[i]), "scored": int(scored[i]), "kept": int(kept_n[i]), "dropped": int(total[i] - kept_n[i])}
+        for i, name in enumerate(task.class_names)
+    }
+
+
+def _score_stats(values: np.ndarray) -> dict[str, float | None]:
+    if not len(values):
+        return {"min": None, "mean": None, "median": None, "max": None}
+    return {k: round(float(f(values)), 6) for k, f in
+            (("min", np.min), ("mean", np.mean), ("median", np.median), ("max", np.max))}
+
+
+def _histogram(scores: np.ndarray, kept: np.ndarray) -> dict[str, list]:
+    """HIST_BINS bins over the observed score range: all scored rows, and the kept ones."""
+    valid = ~np.isnan(scores)
+    if not valid.any():
+        return {"edges": [], "counts": [], "kept": []}
+    low, high = float(scores[valid].min()), float(scores[valid].max())
+    if high - low < 1e-6:
+        low, high = low - 0.01, high + 0.01
+    edges = np.linspace(low, high, HIST_BINS + 1)
+    counts, _ = np.histogram(scores[valid], bins=edges)
+    kept_counts, _ = np.histogram(scores[kept], bins=edges)
+    return {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist(), "kept": kept_counts.tolist()}
+
+
+def _unreadable_rows(table, unreadable: dict[int, str]) -> list[dict[str, str]]:
+    listed = sorted(unreadable)[:MAX_LISTED_UNREADABLE]
+    if not listed:
+        return []
+    sub = image_rows(table.take(pa.array(listed, type=pa.int64())))
+    return [{**row, "error": unreadable[i]} for i, row in zip(listed, sub)]
+
+
+def _plot_histogram(path: Path, scores: np.ndarray, kept: np.ndarray, report: dict) -> None:
+    """Stacked histogram of scores, kept vs dropped, with the threshold marked (threshold rule)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report["histogram"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if hist["edges"]:
+        edges = np.asarray(hist["edges"])  # all rows in red, kept rows drawn over them in green
+        ax.stairs(np.asarray(hist["counts"]), edges, fill=True, color="#d62728", alpha=0.6, label="dropped")
+        ax.stairs(np.asarray(hist["kept"]), edges, fill=True, color="#2ca02c", alpha=0.9, label="kept")
+    if report["threshold"] is not None:
+        ax.axvline(report["threshold"], color="black", linestyle="--", label=f"threshold {report['threshold']:g}")
+    ax.set_xlabel(f"CLIP score ({report['mode']}, {report['model']['name']})")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{report['task']}: kept {report['counts']['kept']} of {report['counts']['scored']} scored ({report['rule']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

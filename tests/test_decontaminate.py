@@ -1,0 +1,216 @@
+"""Decontamination: planted copies of eval images and in-train duplicates are found, nothing else.
+
+The builtin tiny-clip has random weights: its embeddings are not semantic, and unrelated generated
+images reach cosine ~0.99 with it (mean ~0.95). The tests therefore set the CLIP cosine threshold to
+0.9999 (only pixel-identical copies) and let phash find the resized / recompressed copies.
+The generated 6x6 colour grids land at phash distance 0-6 from their JPEG q75 / resized copies
+(measured over 30 images; unrelated ones >= 18 apart), so the planted tests use a radius of 8;
+the default radius 4 is tested on synthetic hashes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers_images import add_rows, make_image, make_image_manifest, write_clip_retrieval, write_task
+from PIL import Image
+
+from curate.cli import cli
+from curate.decontaminate import _Finder, decontaminate
+from curate.filter import filter_images
+from manifests.io import read_manifest, write_manifest
+
+TINY = dict(clip_model="tiny-clip", device="cpu", workers=0, batch_size=16)
+STRICT = 0.9999  # tiny-clip: only identical pixels are CLIP duplicates
+RADIUS = 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def planted(tmp_path):
+    """Eval folder (split/class/*.png, 6 images), a train manifest of 9 unrelated images plus three planted
+    rows: a resized JPEG copy of eval image 0, a recompressed JPEG copy of eval image 1, and a JPEG copy
+    of the first train row placed last."""
+    eval_dir = tmp_path / "eval"
+    evals = [make_image(eval_dir / "test" / f"class{i % 2}" / f"e{i}.png", seed=500 + i, size=64) for i in range(6)]
+    manifest = make_image_manifest(tmp_path, per_class=3)
+    images = manifest.parent / "images"
+    Image.open(evals[0]).convert("RGB").resize((48, 48), Image.BICUBIC).save(images / "copy-resized.jpg", quality=85)
+    Image.open(evals[1]).convert("RGB").save(images / "copy-recompressed.jpg", quality=75)
+    first = read_manifest(manifest).slice(0, 1).to_pylist()[0]
+    Image.open(manifest.parent / first["image_path"]).convert("RGB").save(images / "train-dup.jpg", quality=90)
+    add_rows(manifest, [
+        {"uid": "copy-resized", "label": 0, "class_name": "red circle", "image_path": "images/copy-resized.jpg"},
+        {"uid": "copy-recompressed", "label": 1, "class_name": "green square", "image_path": "images/copy-recompressed.jpg"},
+        {"uid": "train-dup", "label": 2, "class_name": "blue triangle", "image_path": "images/train-dup.jpg"},
+    ])
+    return write_task(tmp_path), manifest, eval_dir, first["uid"]
+
+
+def test_filter_drops_exactly_the_planted_duplicates(planted, tmp_path):
+    task, manifest, eval_dir, first_uid = planted
+    result = filter_images(task, manifest, tmp_path / "out", threshold=-1, decontaminate=eval_dir,
+                           cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
+    assert result.counts["decontaminated"] == 3 and result.counts["kept"] == 9
+    kept = set(read_manifest(tmp_path / "out").column("uid").to_pylist())
+    assert not kept & {"copy-resized", "copy-recompressed", "train-dup"} and first_uid in kept
+    pairs = {row["uid"]: row for row in pq.read_table(tmp_path / "out" / "decontamination.parquet").to_pylist()}
+    assert pairs["copy-resized"]["match"] == "test/class0/e0.png" and pairs["copy-resized"]["match_kind"] == "eval"
+    assert pairs["copy-recompressed"]["match"] == "test/class1/e1.png"
+    assert pairs["train-dup"]["match"] == first_uid and pairs["train-dup"]["match_kind"] == "train"
+    assert {row["method"] for row in pairs.values()} == {"phash"}
+    assert all(row["hamming"] <= RADIUS and row["cosine"] is None for row in pairs.values())
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["decontamination"]
+    assert report["counts"] == {"eval_phash": 2, "eval_clip": 0, "train_phash": 1, "train_clip": 0,
+                                "unreadable": 0, "dropped": 3, "kept": 9}
+    assert report["eval_images"] == 6 and len(report["pairs"]) == 3
+
+
+def test_decontamination_runs_after_the_score_rule_and_before_the_cap(planted, tmp_path):
+    task, manifest, eval_dir, _ = planted
+    result = filter_images(task, manifest, tmp_path / "out", threshold=-1, per_class_cap=2,
+                           decontaminate=eval_dir, cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
+    assert result.counts["decontaminated"] == 3 and result.counts["kept"] == 6  # 2 clean rows per class
+    assert result.counts["capped"] == 3
+
+
+def test_decontaminate_alone_embeds_the_training_images_itself(planted):
+    task, manifest, eval_dir, _ = planted
+    table = read_manifest(manifest)
+    result = decontaminate(table, manifest.parent, eval_dir, cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
+    dropped = {uid for uid, keep in zip(table.column("uid").to_pylist(), result.keep) if not keep}
+    assert dropped == {"copy-resized", "copy-recompressed", "train-dup"}
+    loose = decontaminate(table, manifest.parent, eval_dir, cosine_threshold=0.95, phash_distance=RADIUS, **TINY)
+    assert loose.counts["dropped"] > 3  # what a random tiny model does at the ViT-B-16 default
+
+
+def test_clip_signal_on_precomputed_embeddings(tmp_path):
+    """No pixels on the embeddings path: only CLIP similarity. An eval image identical to a training
+    image and a training embedding repeated under another url are found."""
+    from curate.models import encode_images, load_clip
+
+    manifest = make_image_manifest(tmp_path, per_class=2)
+    table = read_manifest(manifest)
+    bundle = load_clip("tiny-clip", None)
+    files = [manifest.parent / p for p in table.column("image_path").to_pylist()]
+    feats = encode_images(bundle, torch.stack([bundle.preprocess_val(Image.open(f).convert("RGB")) for f in files])).numpy()
+    urls = table.column("url").to_pylist()
+    folder = write_clip_retrieval(tmp_path / "emb", np.concatenate([feats, feats[3:4]]), urls + ["https://x/dup.png"])
+    eval_dir = tmp_path / "eval"
+    make_image(eval_dir / "a" / "other.png", seed=777)
+    (eval_dir / "a" / "same.png").write_bytes(files[1].read_bytes())
+    dup = table.slice(3, 1).to_pylist()[0] | {"uid": "dup", "url": "https://x/dup.png"}
+    candidates = tmp_path / "cand" / "manifest.parquet"
+    rows = table.drop_columns(["image_path"]).to_pylist() + [{k: v for k, v in dup.items() if k != "image_path"}]
+    write_manifest(pa.Table.from_pylist(rows), candidates)
+    result = filter_images(write_task(tmp_path), candidates, tmp_path / "out", threshold=-1, embeddings=folder,
+                           decontaminate=eval_dir, cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
+    decon = result.report["decontamination"]
+    assert decon["phash"].startswith("skipped") and decon["counts"]["eval_clip"] == 1 and decon["counts"]["train_clip"] == 1
+    pairs = {row["uid"]: row for row in decon["pairs"]}
+    assert pairs[table.column("uid")[1].as_py()]["match"] == "a/same.png"
+    assert pairs["dup"]["match"] == table.column("uid")[3].as_py() and pairs["dup"]["cosine"] > STRICT
+    assert result.counts["kept"] == 5
+
+
+def _brute_force_greedy(hashes: np.ndarray, radius: int) -> set[int]:
+    bits = np.unpackbits(hashes, axis=1).astype(bool)
+    kept, dropped = [], set()
+    for i in range(len(hashes)):
+        if any((bits[i] != bits[k]).sum() <= radius for k in kept):
+            dropped.add(i)
+        else:
+            kept.append(i)
+    return dropped
+
+
+def _finder(n: int, radius: int) -> _Finder:
+    table = pa.table({"uid": [f"u{i}" for i in range(n)], "class_name": ["c"] * n})
+    return _Finder(table, np.ones(n, dtype=bool), [], radius, 0.99)
+
+
+def test_phash_radius_is_inclusive_and_exact():
+    rng = np.random.default_rng(0)
+    base = np.unpackbits(rng.integers(0, 256, (1, 8), dtype=np.uint8), axis=1)
+    four, five = base.copy(), base.copy()
+    four[0, :4] ^= 1
+    five[0, 10:15] ^= 1
+    finder = _finder(3, 4)
+    finder.inside_train("phash", np.packbits(np.concatenate([base, four, five]), axis=1))
+    assert finder.alive.tolist() == [True, False, True]
+    assert finder.pairs[0]["hamming"] == 4 and finder.pairs[0]["match"] == "u0"
+
+
+def test_multi_index_hashing_matches_brute_force_across_blocks(monkeypatch):
+    """Clusters of near hashes spread over several blocks: the same rows as an exhaustive greedy pass."""
+    import curate.decontaminate as module
+
+    monkeypatch.setattr(module, "BLOCK", 64)
+    rng = np.random.default_rng(1)
+    centres = np.unpackbits(rng.integers(0, 256, (40, 8), dtype=np.uint8), axis=1)
+    rows = centres[rng.integers(0, 40, 400)].copy()
+    for row in rows:
+        row[rng.choice(64, size=rng.integers(0, 7), replace=False)] ^= 1
+    hashes = np.packbits(rows, axis=1)
+    finder = _finder(len(hashes), 4)
+    finder.inside_train("phash", hashes)
+    assert set(np.flatnonzero(~finder.alive)) == _brute_force_greedy(hashes, 4)
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    ("missing", "eval folder not found"),
+    ("empty", "holds no image files"),
+    ("phash", "phash distance must be in [0, 16], got 20"),
+])
+def test_cli_rejects_bad_decontamination_input(planted, tmp_path, setup, message):
+    task, manifest, eval_dir, _ = planted
+    extra = []
+    if setup == "missing":
+        eval_dir = tmp_path / "nowhere"
+    elif setup == "empty":
+        eval_dir = tmp_path / "empty"
+        (eval_dir / "cls").mkdir(parents=True)
+        (eval_dir / "cls" / "notes.txt").write_text("no images here")
+    else:
+        extra = ["--phash-distance", "20"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out),
+                                      "--clip-model", "tiny-clip", "--decontaminate", str(eval_dir), *extra])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_flat_inner_product_search_matches_faiss(monkeypatch):
+    import faiss
+
+    from curate.decontaminate import _FlatIP
+
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((300, 16)).astype(np.float32)
+    queries = np.concatenate([base[:20] + 0.05 * rng.standard_normal((20, 16)).astype(np.float32),
+                              rng.standard_normal((30, 16)).astype(np.float32)])
+    ours, theirs = _FlatIP(16), faiss.IndexFlatIP(16)
+    monkeypatch.setattr(_FlatIP, "PART", 64)  # several parts
+    ours.add(base)
+    theirs.add(base)
+    (v1, i1), (v2, i2) = ours.search(queries, 1), theirs.search(queries, 1)
+    assert (i1 == i2).all() and np.allclose(v1, v2, atol=1e-4)
+    l1, d1, r1 = ours.range_search(queries, 3.0)
+    l2, d2, r2 = theirs.range_search(queries, 3.0)
+    assert (l1 == l2).all()
+    for q in range(len(queries)):
+        assert sorted(r1[l1[q]:l1[q + 1]]) == sorted(r2[l2[q]:l2[q + 1]])
+    assert _FlatIP(16).search(queries[:2], 1)[1].tolist() == [[-1], [-1]]
