@@ -140,9 +140,13 @@ def quote_identifier(name: str) -> str:
 
 
 def stream_captions(con, source: MetadataFile, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Stream (row, caption) of a file's rows with a non-empty caption, in file order (row = file row number)."""
+    """Stream the caption column of every row, in file order: the i-th caption seen is file row i.
+
+    No filter and no row-number column, so this costs little more than DuckDB's bare scan;
+    NULL and empty captions come through (they can match no class) and are counted by the caller.
+    """
     caption = quote_identifier(source.columns["caption"])
-    query = f"SELECT file_row_number AS row, {caption} AS caption FROM read_parquet($path, file_row_number=true) WHERE {caption} <> ''"
+    query = f"SELECT {caption} AS caption FROM read_parquet($path)"
     yield from _run(con, query, source.path, lambda relation: relation.to_arrow_reader(batch_rows))
 
 

@@ -152,25 +152,23 @@ def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict
     rows: list[int] = []
     captions: list[str] = []
     hits: list[list[ClassHit]] = []
-    returned = 0
+    first_row = 0
     for batch in prefetch(stream_captions(con, source, BATCH_ROWS)):
-        returned += batch.num_rows
-        bar.update(batch.num_rows)
-        candidates = matcher.candidates(batch.column("caption"))
+        column = batch.column("caption")
+        funnel["skipped_empty"] += column.null_count + pc.sum(pc.equal(pc.binary_length(column), 0)).as_py()
+        candidates = matcher.candidates(column)
         funnel["candidates"] += len(candidates)
-        if not candidates:
-            continue
         order = sorted(candidates)
-        sub = batch.take(pa.array(order, type=pa.int64()))
-        for index, row, caption in zip(order, sub.column("row").to_pylist(), sub.column("caption").to_pylist()):
+        texts = column.take(pa.array(order, type=pa.int64())).to_pylist()
+        for index, caption in zip(order, texts):
             found = matcher.classes_in(caption, candidates[index])
             if found:
-                rows.append(row)
+                rows.append(first_row + index)
                 captions.append(caption)
                 hits.append(found)
-    funnel["rows_scanned"] += source.num_rows
-    funnel["skipped_empty"] += source.num_rows - returned
-    bar.update(source.num_rows - returned)
+        first_row += batch.num_rows
+        bar.update(batch.num_rows)
+    funnel["rows_scanned"] += first_row
     return rows, captions, hits
 
 

@@ -24,6 +24,7 @@ VOCABULARY = (
     "cartoon background texture frame card book cover free download hd wallpaper high quality royalty set of two "
     "three best top sale cheap online shop store brand collection style fashion look outfit cute funny love happy"
 ).split()
+DEFAULT_URL_PREFIX = "https://images.example.com/"
 TEMPLATES = (
     "{} photo stock image",
     "a beautiful {} in the garden",
@@ -47,10 +48,11 @@ def sample_captions(rng: np.random.Generator, n: int, class_names: Sequence[str]
     return captions
 
 
-def laion_batch(rng: np.random.Generator, start: int, n: int, class_names: Sequence[str], plant_rate: float) -> pa.Table:
+def laion_batch(rng: np.random.Generator, start: int, n: int, class_names: Sequence[str], plant_rate: float,
+                url_prefix: str = DEFAULT_URL_PREFIX) -> pa.Table:
     """A LAION-schema table (URL, TEXT, WIDTH, HEIGHT, similarity, hash, punsafe, pwatermark)."""
     ids = np.arange(start, start + n)
-    urls = [f"https://images.example.com/{i // 1000}/{i}.jpg" for i in ids.tolist()]
+    urls = [f"{url_prefix}{i // 1000}/{i}.jpg" for i in ids.tolist()]
     return pa.table({
         "URL": pa.array(urls, pa.string()),
         "TEXT": pa.array(sample_captions(rng, n, class_names, plant_rate), pa.string()),
@@ -72,6 +74,7 @@ def write_laion_sample(
     seed: int = 0,
     chunk_rows: int = 500_000,
     row_group_rows: int = 128 * 1024,
+    url_prefix: str = DEFAULT_URL_PREFIX,
 ) -> list[Path]:
     """Write `rows` rows over `files` parquet files (part-00000.parquet, ...); returns their paths."""
     out_dir = Path(out_dir)
@@ -84,7 +87,7 @@ def write_laion_sample(
         n_file = min(per_file, rows - start)
         writer = None
         for offset in range(0, n_file, chunk_rows):
-            table = laion_batch(rng, start + offset, min(chunk_rows, n_file - offset), class_names, plant_rate)
+            table = laion_batch(rng, start + offset, min(chunk_rows, n_file - offset), class_names, plant_rate, url_prefix)
             writer = writer or pq.ParquetWriter(path, table.schema, compression="snappy")
             writer.write_table(table, row_group_size=row_group_rows)
         if writer:

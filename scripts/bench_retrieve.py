@@ -92,11 +92,13 @@ def time_duckdb_contains(glob: str, names: list[str]) -> float:
 
 
 def peak_rss_mb(glob: str, task: Path, out: Path) -> float:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report this process's peak
     code = (
-        "import resource, sys; sys.path.insert(0, %r)\n"
+        "import re, sys; sys.path.insert(0, %r)\n"
         "from curate.retrieve import retrieve\n"
         "retrieve(task=%r, metadata=[%r], out=%r, overwrite=True)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', status).group(1)) / 1024)\n"
     ) % (str(ROOT), str(task), glob, str(out))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
