@@ -69,6 +69,11 @@ def load_clip(name: str = DEFAULT_CLIP[0], pretrained: str | None = DEFAULT_CLIP
     return ClipBundle(model, train_tf, val_tf, tokenizer, name=name, pretrained=pretrained)
 
 
+def default_pretrained(name: str) -> str | None:
+    """The pretrained tag used when none is given: the registry default for the default architecture, else None."""
+    return DEFAULT_CLIP[1] if name == DEFAULT_CLIP[0] else None
+
+
 def save_clip_checkpoint(bundle: ClipBundle, path: str | Path) -> Path:
     """Save weights in the layout open_clip's `pretrained=PATH` loads back."""
     import torch
