@@ -189,3 +189,13 @@ def test_mixloss_and_frozen_layers_run(world, tmp_path):
     assert report["model"]["layers"]["trained"] == ["head"] and report["model"]["layers"]["reinitialised"]
     assert report["n_train_images"] == 150 and {t["sources"].popitem()[0] for t in report["train"]} == {"retrieved", "synthetic"}
     assert report["settings"]["mix_mode"] == "loss"
+
+
+def test_demo_finetune_writes_its_own_eval_folder(world, tmp_path):
+    from train.demo import demo_finetune
+
+    lines = []
+    result = demo_finetune([world.manifest], tmp_path / "demo", eval_task=str(world.task_file), eval_per_class=4, epochs=1, echo=lines.append)
+    assert (tmp_path / "demo" / "eval" / "val" / "yellow star").is_dir()
+    assert result.out == tmp_path / "demo" / "finetune" and (result.out / "report.json").exists()
+    assert lines[0].startswith("finetune-and-probe --train") and "best epoch 1" in lines[1]
