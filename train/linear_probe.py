@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 L2_GRID = tuple(float(v) for v in np.logspace(-6, 2, 97))  # CLIP_benchmark's grid: 97 values, 1e-6 .. 1e2
 SWEEP_MAX_ITER = 30  # per grid value, warm-started
+SWEEP_GTOL = 3e-4  # max |gradient| at which a fit of the sweep stops (the final refit uses 1e-4)
 FINAL_MAX_ITER = 300
 SMALL_PROBLEM = 20_000_000  # n * d * classes below which BLAS runs on one thread
 
@@ -70,10 +71,12 @@ def sweep_l2(
     yt = torch.as_tensor(train_y, dtype=torch.long)
     yv = torch.as_tensor(val_y, dtype=torch.long)
     weights = torch.zeros(xt.shape[1], n_classes)
+    counts = torch.bincount(yt, minlength=n_classes).float() + 1.0
+    weights[-1] = (counts / counts.sum()).log()  # the strong-L2 limit: W = 0, bias = log class priors
     best = (-1.0, grid[0], weights)
     curve = []
     for l2 in sorted(grid, reverse=True):
-        weights = fit_logistic(xt, yt, n_classes, l2, init=weights, max_iter=max_iter)
+        weights = fit_logistic(xt, yt, n_classes, l2, init=weights, max_iter=max_iter, gtol=SWEEP_GTOL)
         with torch.no_grad():
             accuracy = float(((xv @ weights).argmax(1) == yv).float().mean()) if len(yv) else 0.0
         curve.append((l2, accuracy))
@@ -94,7 +97,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, init=None
     return ProbeModel(mean=mean, std=std, weights=weights, l2=l2)
 
 
-def fit_logistic(x, y, n_classes: int, l2: float, init=None, max_iter: int = 100):
+def fit_logistic(x, y, n_classes: int, l2: float, init=None, max_iter: int = 100, gtol: float = 1e-4):
     """L-BFGS (scipy) on mean cross-entropy + l2 * ||W||^2 (the bias row is not penalised).
 
     x: (n, d + 1) float32 tensor whose last column is ones; returns the (d + 1, n_classes) weights.
@@ -124,7 +127,7 @@ def fit_logistic(x, y, n_classes: int, l2: float, init=None, max_iter: int = 100
 
     with _blas_threads(xs.size * n_classes):
         result = minimize(loss_and_grad, start.ravel(), jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iter, "gtol": 1e-4, "maxcor": 10})
+                          options={"maxiter": max_iter, "gtol": gtol, "maxcor": 10})
     return torch.as_tensor(result.x.reshape(shape), dtype=torch.float32)
 
 
