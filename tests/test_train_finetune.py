@@ -199,3 +199,18 @@ def test_demo_finetune_writes_its_own_eval_folder(world, tmp_path):
     assert (tmp_path / "demo" / "eval" / "val" / "yellow star").is_dir()
     assert result.out == tmp_path / "demo" / "finetune" and (result.out / "report.json").exists()
     assert lines[0].startswith("finetune-and-probe --train") and "best epoch 1" in lines[1]
+
+
+def test_unreadable_image_in_a_loader_worker_is_one_line(world, tmp_path):
+    rows = read_manifest(world.manifest).to_pylist()
+    rows[3]["image_path"] = "images/missing.png"
+    for row in rows:
+        row["image_path"] = str(world.manifest.parent / row["image_path"])  # absolute: the manifest moves
+    manifest = write_rows(tmp_path / "m", rows)
+    result = CliRunner().invoke(cli, [
+        "finetune-and-probe", "--train", str(manifest), "--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir),
+        "--out", str(tmp_path / "run"), "--model", "tiny-clip", "--epochs", "1", "--batch-size", "32", "--workers", "1",
+        "--select-by", "head",
+    ])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "cannot read image of row" in result.stderr and "missing.png" in result.stderr

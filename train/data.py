@@ -110,8 +110,19 @@ class ImageListDataset:
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert("RGB")), label
+        except OSError as exc:
+            raise CurateError(f"cannot read eval image {path}: {exc}") from None
+
+
+def one_line_error(exc: CurateError) -> CurateError:
+    """A CurateError re-raised by a DataLoader worker carries the worker's traceback: keep its message only."""
+    lines = str(exc).strip().splitlines()
+    last = lines[-1] if lines else ""
+    marker = "CurateError: "
+    return CurateError(last.split(marker, 1)[1] if marker in last else last)
 
 
 # ---------------------------------------------------------------- train manifests

@@ -101,10 +101,15 @@ def finetune_and_probe(
     start = time.perf_counter()
     run = _prepare(settings)
     history = _open_run(run, settings)
-    epoch0 = _epoch0_metrics(run, history)
-    if not eval_only:
-        _train(run, history)
-    return _finish(run, history, epoch0, time.perf_counter() - start)
+    try:
+        epoch0 = _epoch0_metrics(run, history)
+        if not eval_only:
+            _train(run, history)
+        return _finish(run, history, epoch0, time.perf_counter() - start)
+    except CurateError as exc:  # e.g. an unreadable image, maybe raised in a loader worker
+        from train.data import one_line_error
+
+        raise one_line_error(exc) from None
 
 
 # ---------------------------------------------------------------- preparation (no writes)
