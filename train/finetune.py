@@ -327,13 +327,14 @@ def _train(run: _Run, history: list[dict[str, Any]]) -> None:
     loader, plan = _train_loader(run)
     _make_trainer(run, len(plan))
     last = run.out / "checkpoints" / "last.pt"
-    best = {"epoch": 0, "score": float("-inf")}
+    best = {"epoch": 0, "score": [float("-inf")]}
     done = 0
     if last.exists():
         state = read_checkpoint(last)
         _restore(run, state)
         done, best = int(state["epoch"]), dict(state["best"])
     score_key = SELECT_BY[run.settings["select_by"]]
+    tie_breaks = [score_key, *(k for k in ("val_head_top1", "val_zero_shot_top1") if k != score_key)]
     for epoch in range(done + 1, run.settings["epochs"] + 1):
         seed_epoch(run.settings["seed"], epoch)
         plan.set_epoch(epoch)
@@ -343,8 +344,9 @@ def _train(run: _Run, history: list[dict[str, Any]]) -> None:
         record = {"epoch": epoch, **stats, "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), **_val_metrics(run)}
         _append_history(run.out, record)
         history.append(record)
-        if record[score_key] > best["score"]:
-            best = {"epoch": epoch, "score": record[score_key]}
+        score = [record[k] for k in tie_breaks]  # the selected val metric; ties: head, then zero-shot, then earliest
+        if score > best["score"]:
+            best = {"epoch": epoch, "score": score}
             save_checkpoint(run.out / "checkpoints" / "best.pt", run.bundle, run.classifier, run.task.class_names, epoch)
         if run.settings["keep_checkpoints"] == "all":
             save_checkpoint(run.out / "checkpoints" / f"epoch_{epoch}.pt", run.bundle, run.classifier, run.task.class_names, epoch)
