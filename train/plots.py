@@ -39,7 +39,10 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
         points = [(r["epoch"], r[key]) for r in records if key in r]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
-    ax.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (0 = before training)")
     ax.set_ylabel("val top-1")
     ax.set_title(title)
     ax.grid(alpha=0.3)
