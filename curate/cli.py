@@ -195,6 +195,12 @@ def filter_command(**options) -> None:
     click.echo(result.summary())
 
 
+# ---------------------------------------------------------------- finetune-and-probe
+from train.cli import cli as _finetune_and_probe  # noqa: E402  (imports click only; torch loads when it runs)
+
+cli.add_command(_finetune_and_probe, "finetune-and-probe")
+
+
 # ---------------------------------------------------------------- demo
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", "-o", type=click.Path(), default=None, help="Folder for the demo run (default: a temp folder).")

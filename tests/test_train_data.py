@@ -1,0 +1,155 @@
+"""train.data: train fractions, mixing plans, eval folders, manifest label mapping."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from helpers_train import CLASSES, write_rows
+
+from curate.errors import CurateError
+from train.data import (
+    BatchPlan,
+    class_folder_name,
+    load_train_sources,
+    map_labels,
+    parse_mix,
+    scan_eval_folder,
+    stratified_fraction,
+)
+
+
+def _uids_labels(counts):
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    return [f"row-{i}" for i in range(len(labels))], labels
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25, 0.125, 1 / 64])
+def test_stratified_fraction_sizes_per_class(fraction):
+    counts = [64, 32, 10, 1]
+    uids, labels = _uids_labels(counts)
+    keep = stratified_fraction(uids, labels, fraction, seed=3)
+    per_class = Counter(labels[keep].tolist())
+    assert [per_class[c] for c in range(4)] == [max(1, round(fraction * n)) for n in counts]
+    assert len(set(keep.tolist())) == len(keep)
+
+
+def test_stratified_fraction_nested_seeded_and_order_free():
+    uids, labels = _uids_labels([40, 40, 40])
+    half = set(np.asarray(uids)[stratified_fraction(uids, labels, 0.5, seed=1)])
+    quarter = set(np.asarray(uids)[stratified_fraction(uids, labels, 0.25, seed=1)])
+    assert quarter < half  # 1/2^x sweeps: each subset contains the smaller ones
+    other_seed = set(np.asarray(uids)[stratified_fraction(uids, labels, 0.5, seed=2)])
+    assert other_seed != half
+    order = np.random.default_rng(0).permutation(len(uids))
+    shuffled = set(np.asarray(uids)[order][stratified_fraction([uids[i] for i in order], labels[order], 0.5, seed=1)])
+    assert shuffled == half  # chosen by uid hash, not by row position
+
+
+def test_plain_plan_is_a_seeded_shuffle_of_every_row():
+    plan = BatchPlan([30, 20], batch_size=8, seed=5)
+    batches = plan.batches(1)
+    assert len(batches) == len(plan) == 7
+    assert sorted(i for b in batches for i in b) == list(range(50))
+    assert plan.batches(1) == batches and plan.batches(2) != batches
+
+
+def test_mixdata_draws_sources_in_proportion():
+    plan = BatchPlan([1000, 3000], batch_size=64, weights=[0.75, 0.25], mode="data", seed=0)
+    flat = [i for b in plan.batches(3) for i in b]
+    assert len(flat) == 4000
+    share_first = np.mean([i < 1000 for i in flat])
+    assert abs(share_first - 0.75) < 0.03
+    first = [i for i in flat if i < 1000]  # 3000 draws from 1000 rows: every row ~3 times, permutation-cycled
+    assert set(Counter(first).values()) <= {2, 3, 4}
+
+
+def test_mixloss_batches_have_fixed_source_shares():
+    plan = BatchPlan([100, 50], batch_size=10, weights=[0.8, 0.2], mode="loss", seed=0)
+    batches = plan.batches(1)
+    assert len(batches) == 15
+    for batch in batches:
+        assert sum(i < 100 for i in batch) == 8 and sum(i >= 100 for i in batch) == 2
+
+
+@pytest.mark.parametrize(("mix", "message"), [
+    ("0.5", r"1 weight\(s\) but 2"), ("a,b", "comma-separated"), ("-1,2", ">= 0"), ("0,0", "positive sum"),
+])
+def test_parse_mix_errors(mix, message):
+    with pytest.raises(CurateError, match=message):
+        parse_mix(mix, 2)
+
+
+def test_parse_mix_normalises():
+    assert parse_mix("9,1", 2) == pytest.approx([0.9, 0.1])
+    assert parse_mix(None, 3) is None
+
+
+def _folder(root, splits=("train", "val", "test"), classes=CLASSES[:3], extra=None):
+    from PIL import Image
+
+    for split in splits:
+        for name in [*classes, *([extra] if extra else [])]:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(root / split / name / "a.png")
+    return root
+
+
+def test_eval_folder_labels_follow_the_task_not_the_folder_order(tmp_path):
+    root = _folder(tmp_path / "ev", classes=["purple cross", "red circle"])
+    samples = scan_eval_folder(root, list(CLASSES))
+    assert sorted(label for _, label in samples["test"]) == [0, 4]
+
+
+def test_eval_folder_accepts_file_system_safe_names(tmp_path):
+    assert class_folder_name('F/A-18: "hornet"') == "F_A-18_ _hornet_"
+    root = _folder(tmp_path / "ev", classes=["F_A-18"])
+    assert scan_eval_folder(root, ["747", "F/A-18"])["val"][0][1] == 1
+
+
+def test_eval_folder_missing_split(tmp_path):
+    root = _folder(tmp_path / "ev", splits=("train", "test"))
+    with pytest.raises(CurateError, match="missing split folder.*val"):
+        scan_eval_folder(root, list(CLASSES))
+
+
+def test_eval_folder_names_a_folder_that_is_not_a_class(tmp_path):
+    root = _folder(tmp_path / "ev", extra="orange hexagon")
+    with pytest.raises(CurateError, match="not classes of the eval task: 'orange hexagon'"):
+        scan_eval_folder(root, list(CLASSES))
+
+
+def _row(i, name, label=None, source="real"):
+    label = CLASSES.index(name) if label is None else label
+    return {"uid": f"u{i}", "label": label, "class_name": name, "source": source, "caption": name, "image_path": f"{i}.png"}
+
+
+def test_labels_are_mapped_by_class_name():
+    table = pa.table({"class_name": ["purple cross", "Red Circle"], "label": pa.array([0, 3], pa.int32())})
+    assert map_labels(table, list(CLASSES), "m").tolist() == [4, 0]
+
+
+def test_train_manifest_errors(tmp_path):
+    empty = write_rows(tmp_path / "empty", [])
+    with pytest.raises(CurateError, match="is empty"):
+        load_train_sources([empty], list(CLASSES))
+    outside = write_rows(tmp_path / "outside", [_row(0, "red circle"), _row(1, "orange hexagon", label=9)])
+    with pytest.raises(CurateError, match="1 class\\(es\\) not in the eval task: 'orange hexagon'"):
+        load_train_sources([outside], list(CLASSES))
+    no_images = write_rows(tmp_path / "noimg", [{k: v for k, v in _row(0, "red circle").items() if k != "image_path"}])
+    with pytest.raises(CurateError, match="no images"):
+        load_train_sources([no_images], list(CLASSES))
+    with pytest.raises(CurateError, match="train-fraction"):
+        load_train_sources([outside], list(CLASSES), fraction=0)
+
+
+def test_train_sources_keep_fraction_and_provenance(tmp_path):
+    rows = [_row(i, CLASSES[i % 2]) for i in range(40)]
+    path = write_rows(tmp_path / "m", rows)
+    (tmp_path / "m" / "report.json").write_text('{"stage": "download", "task": "t", "other": 1}', encoding="utf-8")
+    [source] = load_train_sources([path], list(CLASSES), fraction=0.25, seed=0)
+    assert source.rows_total == 40 and source.rows == 10
+    assert Counter(source.labels.tolist()) == {0: 5, 1: 5}
+    assert source.provenance == {"stage": "download", "task": "t"}

@@ -1,0 +1,216 @@
+"""finetune_and_probe end to end on a small learnable world (5 classes of coloured shapes, tiny CLIP, CPU).
+
+One module-wide world and one reference run (3 epochs) are shared; the other runs are short.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers_train import CLASSES, SMALL, limit_threads, write_rows
+
+import train.checkpoint
+from curate.cli import cli
+from curate.errors import CurateError
+from manifests import read_manifest
+from train.cli import cli as standalone_cli
+from train.finetune import finetune_and_probe
+from train.synthetic_world import make_shape_world
+
+EPOCHS = 3
+RUN = {**SMALL, "epochs": EPOCHS, "select_by": "head"}
+METRIC_KEYS = {
+    f"{head}_{m}" for head in ("zero_shot", "head", "linear_probe") for m in ("top1", "top5", "mean_per_class_recall")
+} | {"linear_probe_l2", "linear_probe_val_top1", "val_head_top1", "val_zero_shot_top1", "val_linear_probe_top1"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    limit_threads()
+    return make_shape_world(tmp_path_factory.mktemp("world"), CLASSES, per_class=24, eval_per_class=10, source="retrieved")
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    result = finetune_and_probe(train=[str(world.manifest)], eval_task=str(world.task_file), eval_data=str(world.eval_dir), out=str(out), **RUN)
+    return result
+
+
+def _history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "epochs.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.endswith("seconds")}
+
+
+def test_training_lowers_loss_and_lifts_the_head(reference):
+    history = _history(reference.out)
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    losses = [h["train_loss"] for h in history[1:]]
+    assert losses[-1] < losses[0] * 0.8
+    chance = 1 / len(CLASSES)
+    assert reference.epoch0["head_top1"] < 0.4  # random tiny CLIP: about chance before training
+    assert reference.metrics["head_top1"] >= 0.8  # well above chance (0.2) after 3 epochs
+    assert reference.metrics["linear_probe_top1"] >= 0.8 and reference.epoch0["linear_probe_top1"] >= 3 * chance
+    assert reference.best_epoch == max(range(1, 4), key=lambda e: (history[e]["val_head_top1"], history[e]["val_zero_shot_top1"], -e))
+
+
+def test_report_files_and_keys(reference, world):
+    report = json.loads((reference.out / "report.json").read_text(encoding="utf-8"))
+    assert set(report["metrics"]) == {"best", "epoch0"}
+    for metrics in report["metrics"].values():
+        assert METRIC_KEYS <= set(metrics)
+    assert report["best_epoch"] == reference.best_epoch and report["epochs_run"] == EPOCHS
+    assert report["n_train_images"] == 120 and report["images_per_s"] > 0 and report["seconds"] > 0
+    assert report["settings"]["lr"] == 1e-3 and report["settings"]["batch_size"] == 32
+    [train] = report["train"]
+    assert train["rows"] == train["used"] == 120 and train["sources"] == {"retrieved": 120}
+    assert train["per_class"] == {name: 24 for name in CLASSES}
+    assert train["provenance"]["stage"] == "synthetic_world"
+    assert report["eval_data"]["test"] == 50 and "command" in report and "versions" in report
+    assert (reference.out / "val_accuracy.png").stat().st_size > 1000
+    checkpoints = {p.name for p in (reference.out / "checkpoints").iterdir()}
+    assert checkpoints == {"best.pt", "last.pt"}
+    assert (reference.out / "features" / "epoch0_train.npz").exists()
+
+
+def test_resume_after_a_kill_gives_the_same_metrics(reference, world, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    real_save = train.checkpoint.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, *args, **kwargs):
+        if path.name == "last.pt" and args[3] == 2:
+            raise Killed  # dies after epoch 2's jsonl line and best.pt, before its resume checkpoint
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(train.checkpoint, "save_checkpoint", save_then_die)
+    kwargs = {"train": [str(world.manifest)], "eval_task": str(world.task_file), "eval_data": str(world.eval_dir), "out": str(out), **RUN}
+    with pytest.raises(Killed):
+        finetune_and_probe(**kwargs)
+    assert [h["epoch"] for h in _history(out)] == [0, 1, 2] and not (out / "report.json").exists()
+    monkeypatch.setattr(train.checkpoint, "save_checkpoint", real_save)
+    with pytest.raises(CurateError, match="other settings \\(lr\\)"):
+        finetune_and_probe(**{**kwargs, "lr": 5e-4})
+    resumed = finetune_and_probe(**kwargs)
+    assert [h["epoch"] for h in _history(out)] == [0, 1, 2, 3]  # epoch 2 ran again, its stale line dropped
+    assert _without_timing(resumed.metrics) == _without_timing(reference.metrics)
+    assert _without_timing(resumed.epoch0) == _without_timing(reference.epoch0) and resumed.best_epoch == reference.best_epoch
+    losses = [h["train_loss"] for h in _history(out)[1:]]
+    assert losses == [h["train_loss"] for h in _history(reference.out)[1:]]
+    with pytest.raises(CurateError, match="already exists"):
+        finetune_and_probe(**kwargs)
+
+
+def test_realtune_from_a_checkpoint_with_a_train_fraction(reference, world, tmp_path):
+    out = tmp_path / "realtune"
+    result = CliRunner().invoke(cli, [
+        "finetune-and-probe", "--train", str(world.manifest), "--eval-task", str(world.task_file),
+        "--eval-data", str(world.eval_dir), "--out", str(out), "--init-from", str(reference.out / "checkpoints" / "best.pt"),
+        "--train-fraction", "0.5", "--epochs", "1", "--model", "tiny-clip", "--lr", "1e-4", "--batch-size", "32",
+        "--warmup", "0", "--workers", "0",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "best epoch 1" in result.output
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["n_train_images"] == 60 and report["train"][0]["per_class"] == {name: 12 for name in CLASSES}
+    assert report["model"]["init_from"].endswith("best.pt")
+    epoch0 = report["metrics"]["epoch0"]  # the checkpoint's model and head, evaluated before any new step
+    assert epoch0["head_top1"] == pytest.approx(reference.metrics["head_top1"])
+    assert epoch0["zero_shot_top1"] == pytest.approx(reference.metrics["zero_shot_top1"])
+
+
+def test_eval_only_through_the_standalone_command(world, tmp_path):
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(standalone_cli, [
+        "--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir), "--out", str(out),
+        "--model", "tiny-clip", "--eval-only", "--workers", "0",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["best_epoch"] == 0 and report["metrics"]["best"] == report["metrics"]["epoch0"]
+    assert report["n_train_images"] == 0 and not (out / "checkpoints").exists()
+
+
+def _bad(runner, world, out, *extra, train=None):
+    args = ["finetune-and-probe", "--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir), "--out", str(out),
+            "--model", "tiny-clip", "--workers", "0", *extra]
+    if train is not None:
+        args += ["--train", str(train)]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("curate: error: ")
+    assert not out.exists()
+    return result.stderr
+
+
+def test_bad_input_one_line_no_output(world, reference, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "bad"
+    empty = write_rows(tmp_path / "empty", [])
+    assert "is empty" in _bad(runner, world, out, train=empty)
+    table = read_manifest(world.manifest).to_pylist()
+    table[0]["class_name"] = "orange hexagon"
+    outside = write_rows(tmp_path / "outside", table)
+    assert "not in the eval task: 'orange hexagon'" in _bad(runner, world, out, train=outside)
+    broken = tmp_path / "broken_eval"
+    (broken / "train" / "red circle").mkdir(parents=True)
+    (broken / "test" / "red circle").mkdir(parents=True)
+    result = runner.invoke(cli, ["finetune-and-probe", "--eval-task", str(world.task_file), "--eval-data", str(broken),
+                                 "--out", str(out), "--train", str(world.manifest)])
+    assert result.exit_code == 2 and "missing split folder(s): val" in result.stderr and not out.exists()
+    torch.save({"state_dict": {}, "name": "ViT-B-16"}, tmp_path / "vit.pt")
+    message = _bad(runner, world, out, "--init-from", str(tmp_path / "vit.pt"), train=world.manifest)
+    assert "is for model 'ViT-B-16', not 'tiny-clip'" in message
+    state = torch.load(reference.out / "checkpoints" / "best.pt", weights_only=True)
+    state["state_dict"]["visual.proj"] = torch.zeros(64, 16)  # another embedding width
+    torch.save(state, tmp_path / "other.pt")
+    assert "does not fit model 'tiny-clip'" in _bad(runner, world, out, "--init-from", str(tmp_path / "other.pt"), train=world.manifest)
+    assert "--mix has 2 weight(s)" in _bad(runner, world, out, "--mix", "0.5,0.5", train=world.manifest)
+    assert "--freeze-blocks must be in 0..5" in _bad(runner, world, out, "--freeze-blocks", "6", train=world.manifest)
+
+
+def test_mixloss_and_frozen_layers_run(world, tmp_path):
+    synthetic = make_shape_world(tmp_path / "syn", CLASSES, per_class=6, eval_per_class=1, source="synthetic", seed=5)
+    result = finetune_and_probe(
+        train=[str(world.manifest), str(synthetic.manifest)], mix="0.5,0.5", mix_mode="loss", eval_task=str(world.task_file),
+        eval_data=str(world.eval_dir), out=str(tmp_path / "mix"), **{**RUN, "epochs": 1}, freeze_blocks=5,
+    )
+    report = json.loads((result.out / "report.json").read_text(encoding="utf-8"))
+    assert report["model"]["layers"]["trained"] == ["head"] and report["model"]["layers"]["reinitialised"]
+    assert report["n_train_images"] == 150 and {t["sources"].popitem()[0] for t in report["train"]} == {"retrieved", "synthetic"}
+    assert report["settings"]["mix_mode"] == "loss"
+
+
+def test_demo_finetune_writes_its_own_eval_folder(world, tmp_path):
+    from train.demo import demo_finetune
+
+    lines = []
+    result = demo_finetune([world.manifest], tmp_path / "demo", eval_task=str(world.task_file), eval_per_class=4, epochs=1, echo=lines.append)
+    assert (tmp_path / "demo" / "eval" / "val" / "yellow star").is_dir()
+    assert result.out == tmp_path / "demo" / "finetune" and (result.out / "report.json").exists()
+    assert lines[0].startswith("finetune-and-probe --train") and "best epoch 1" in lines[1]
+
+
+def test_unreadable_image_in_a_loader_worker_is_one_line(world, tmp_path):
+    rows = read_manifest(world.manifest).to_pylist()
+    rows[3]["image_path"] = "images/missing.png"
+    for row in rows:
+        row["image_path"] = str(world.manifest.parent / row["image_path"])  # absolute: the manifest moves
+    manifest = write_rows(tmp_path / "m", rows)
+    result = CliRunner().invoke(cli, [
+        "finetune-and-probe", "--train", str(manifest), "--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir),
+        "--out", str(tmp_path / "run"), "--model", "tiny-clip", "--epochs", "1", "--batch-size", "32", "--workers", "1",
+        "--select-by", "head",
+    ])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "cannot read image of row" in result.stderr and "missing.png" in result.stderr

@@ -1,0 +1,299 @@
+"""Training and evaluation data: manifest datasets, the eval ImageFolder, train fractions, mixing.
+
+* Train data come from one or more manifests (rows with `image_path` relative to the manifest's
+  folder, or a webdataset `shard` + `key`); labels are mapped to the eval task by class name.
+* Eval data is an ImageFolder `DIR/{train,val,test}/<class name>/*` whose folders are the eval
+  task's class names (or their file-system-safe form).
+* `stratified_fraction` keeps a seeded fraction of every class (nested across fractions).
+* `BatchPlan` is the batch sampler: plain shuffling, MixData (one stream, each sample drawn from a
+  source by weight) or MixLoss (each batch made of per-source parts whose losses are summed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from curate.errors import CurateError
+from manifests.io import read_manifest
+from manifests.uid import hashed_subset_rank
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MIX_MODES = ("data", "loss")
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')  # the same rule as the ImageFolder exporter
+
+try:  # the shared image reader (manifests/images.py); until it lands, the fallback below
+    from manifests.images import open_image as _shared_open_image
+except ImportError:  # pragma: no cover - depends on the branch state
+    _shared_open_image = None
+
+
+@dataclasses.dataclass
+class TrainSource:
+    """One training manifest, after label mapping and the train fraction."""
+
+    path: Path
+    manifest_dir: Path
+    table: pa.Table
+    labels: np.ndarray
+    rows_total: int
+    provenance: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+
+# ---------------------------------------------------------------- reading images
+def _open_image(row: dict[str, Any], manifest_dir: Path):
+    """One manifest row's image as an RGB PIL image (swap point for manifests.images.open_image)."""
+    if _shared_open_image is not None:
+        return _shared_open_image(row, manifest_dir)
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    try:
+        if row.get("image_path"):
+            image = Image.open(Path(manifest_dir) / row["image_path"])
+        else:
+            with tarfile.open(Path(manifest_dir) / row["shard"], "r:") as tar:
+                names = {m.name.rpartition(".")[0]: m for m in tar.getmembers() if m.name.lower().endswith(IMAGE_SUFFIXES)}
+                image = Image.open(io.BytesIO(tar.extractfile(names[str(row["key"])]).read()))
+        image.load()
+    except (OSError, KeyError) as exc:
+        raise CurateError(f"cannot read image of row {row.get('uid')}: {exc}") from None
+    return image.convert("RGB")
+
+
+class ManifestDataset:
+    """(image tensor, label, source index) for the rows of one TrainSource."""
+
+    def __init__(self, source: TrainSource, transform, source_index: int = 0):
+        columns = [c for c in ("uid", "image_path", "shard", "key") if c in source.table.column_names]
+        self.rows = source.table.select(columns).to_pylist()
+        self.labels = source.labels
+        self.manifest_dir = source.manifest_dir
+        self.transform = transform
+        self.source_index = source_index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        image = _open_image(self.rows[index], self.manifest_dir)
+        return self.transform(image), int(self.labels[index]), self.source_index
+
+
+class ImageListDataset:
+    """(image tensor, label) for a list of (path, label) pairs."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert("RGB")), label
+        except OSError as exc:
+            raise CurateError(f"cannot read eval image {path}: {exc}") from None
+
+
+def one_line_error(exc: CurateError) -> CurateError:
+    """A CurateError re-raised by a DataLoader worker carries the worker's traceback: keep its message only."""
+    lines = str(exc).strip().splitlines()
+    last = lines[-1] if lines else ""
+    marker = "CurateError: "
+    return CurateError(last.split(marker, 1)[1] if marker in last else last)
+
+
+# ---------------------------------------------------------------- train manifests
+def load_train_sources(paths: list[str | Path], class_names: list[str], fraction: float = 1.0, seed: int = 0) -> list[TrainSource]:
+    """Read every train manifest, map its classes onto the eval task, keep a stratified fraction."""
+    if not paths:
+        raise CurateError("no train manifest given (use --train MANIFEST, or --eval-only)")
+    if not 0 < fraction <= 1:
+        raise CurateError(f"--train-fraction must be in (0, 1], got {fraction}")
+    return [_load_source(Path(p), class_names, fraction, seed) for p in paths]
+
+
+def _load_source(path: Path, class_names: list[str], fraction: float, seed: int) -> TrainSource:
+    table = read_manifest(path)
+    manifest_dir = path if path.is_dir() else path.parent
+    if table.num_rows == 0:
+        raise CurateError(f"train manifest {path} is empty")
+    if "image_path" not in table.column_names and not {"shard", "key"} <= set(table.column_names):
+        raise CurateError(f"train manifest {path} has no images (no image_path, no shard/key): run curate download first")
+    labels = map_labels(table, class_names, where=f"train manifest {path}")
+    keep = stratified_fraction(table.column("uid").to_pylist(), labels, fraction, seed)
+    provenance = _provenance(manifest_dir)
+    return TrainSource(path, manifest_dir, table.take(pa.array(keep)), labels[keep], table.num_rows, provenance)
+
+
+def map_labels(table: pa.Table, class_names: list[str], where: str) -> np.ndarray:
+    """The eval task's label of every row, found by class name; CurateError naming unknown classes."""
+    index = {name.casefold(): i for i, name in enumerate(class_names)}
+    names = table.column("class_name").to_pylist()
+    unknown = sorted({n for n in names if n.casefold() not in index})
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise CurateError(f"{where} has {len(unknown)} class(es) not in the eval task: {shown}")
+    labels = np.array([index[n.casefold()] for n in names], dtype=np.int64)
+    moved = int((labels != np.asarray(table.column("label").to_pylist())).sum())
+    if moved:
+        log.warning("%s: %d rows relabelled to the eval task's label of their class name", where, moved)
+    return labels
+
+
+def stratified_fraction(uids: list[str], labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Row indices keeping round(F * n_c) rows (at least 1) of every class c, chosen by a seeded hash.
+
+    The choice depends on the uids, not on row order, and smaller fractions are subsets of larger ones.
+    """
+    if fraction >= 1:
+        return np.arange(len(uids))
+    keep: list[int] = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        ranked = sorted(rows, key=lambda i: hashed_subset_rank(uids[i], seed))
+        keep.extend(ranked[: max(1, round(fraction * len(rows)))])
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+def _provenance(manifest_dir: Path) -> dict[str, Any]:
+    """The parts of the manifest's report.json that say where its rows came from."""
+    import json
+
+    path = manifest_dir / "report.json"
+    if not path.exists():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    wanted = ("stage", "task", "command", "seed", "seeds", "threshold", "thresholds", "counts", "rows", "generator")
+    return {k: report[k] for k in wanted if k in report}
+
+
+# ---------------------------------------------------------------- eval ImageFolder
+def class_folder_name(name: str) -> str:
+    """The file-system-safe folder name of a class (what the ImageFolder exporter writes)."""
+    return _UNSAFE.sub("_", name).strip(" .")
+
+
+def scan_eval_folder(root: str | Path, class_names: list[str], splits: tuple[str, ...] = SPLITS) -> dict[str, list[tuple[Path, int]]]:
+    """(image path, label) lists per split of `root/{split}/<class name>/*`; CurateError on any mismatch."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CurateError(f"eval data folder not found: {root}")
+    missing = [s for s in splits if not (root / s).is_dir()]
+    if missing:
+        raise CurateError(f"eval data {root} is missing split folder(s): {', '.join(missing)} (expected {'/'.join(splits)})")
+    lookup = {}
+    for label, name in enumerate(class_names):
+        lookup[name.casefold()] = label
+        lookup.setdefault(class_folder_name(name).casefold(), label)
+    return {split: _scan_split(root / split, lookup) for split in splits}
+
+
+def _scan_split(folder: Path, lookup: dict[str, int]) -> list[tuple[Path, int]]:
+    folders = sorted(p for p in folder.iterdir() if p.is_dir())
+    strangers = [p.name for p in folders if p.name.casefold() not in lookup]
+    if strangers:
+        raise CurateError(f"eval folder {folder} has folder(s) that are not classes of the eval task: {', '.join(map(repr, strangers[:5]))}")
+    samples = [
+        (path, lookup[sub.name.casefold()])
+        for sub in folders
+        for path in sorted(sub.iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not samples:
+        raise CurateError(f"eval folder {folder} has no images")
+    return samples
+
+
+# ---------------------------------------------------------------- batches and mixing
+def parse_mix(mix: str | list[float] | None, n_sources: int) -> list[float] | None:
+    """Mixing weights (normalised to sum 1), one per train manifest, or None."""
+    if mix is None or mix == "":
+        return None
+    try:
+        weights = [float(w) for w in (mix.split(",") if isinstance(mix, str) else mix)]
+    except ValueError:
+        raise CurateError(f"--mix must be comma-separated numbers, got {mix!r}") from None
+    if len(weights) != n_sources:
+        raise CurateError(f"--mix has {len(weights)} weight(s) but {n_sources} --train manifest(s) were given")
+    if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise CurateError(f"--mix weights must be >= 0 with a positive sum, got {mix!r}")
+    return [w / sum(weights) for w in weights]
+
+
+class BatchPlan:
+    """Batch sampler over the concatenated sources; the order depends only on (seed, epoch).
+
+    An epoch has ceil(total / batch_size) batches (total = all sources' rows). Without weights it is a
+    shuffle of all rows. With weights, MixData ("data") draws each sample's source by weight; MixLoss
+    ("loss") gives each source a fixed share round(w * batch_size) of every batch. A source drawn more
+    often than it has rows is cycled through fresh permutations.
+    """
+
+    def __init__(self, sizes: list[int], batch_size: int, weights: list[float] | None = None, mode: str = "data", seed: int = 0):
+        if mode not in MIX_MODES:
+            raise CurateError(f"unknown mix mode '{mode}'; choose one of {', '.join(MIX_MODES)}")
+        self.sizes, self.batch_size, self.weights, self.mode, self.seed = list(sizes), batch_size, weights, mode, seed
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(sum(self.sizes) / self.batch_size)
+
+    def __iter__(self):
+        return iter(self.batches(self.epoch))
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        total = sum(self.sizes)
+        if self.weights is None:
+            order = rng.permutation(total)
+            return [order[i : i + self.batch_size].tolist() for i in range(0, total, self.batch_size)]
+        streams = [_Stream(size, offset, rng) for size, offset in zip(self.sizes, self.offsets)]
+        if self.mode == "data":
+            choice = rng.choice(len(self.sizes), size=total, p=self.weights)
+            order = [streams[s].next() for s in choice]
+            return [order[i : i + self.batch_size] for i in range(0, total, self.batch_size)]
+        shares = [max(1, round(w * self.batch_size)) if w > 0 else 0 for w in self.weights]
+        return [[streams[s].next() for s, share in enumerate(shares) for _ in range(share)] for _ in range(len(self))]
+
+
+class _Stream:
+    """Endless seeded permutations of one source's global indices."""
+
+    def __init__(self, size: int, offset: int, rng: np.random.Generator):
+        self.size, self.offset, self.rng = size, int(offset), rng
+        self.order: list[int] = []
+
+    def next(self) -> int:
+        if not self.order:
+            self.order = (self.rng.permutation(self.size) + self.offset).tolist()[::-1]
+        return self.order.pop()

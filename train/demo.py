@@ -1,0 +1,40 @@
+"""The finetune step of `curate demo`: tiny CLIP, a few CPU epochs, probed on a generated shape world."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from train.finetune import FinetuneResult, finetune_and_probe
+from train.synthetic_world import write_eval_folder
+
+
+def demo_finetune(
+    manifests: list[str | Path],
+    out: str | Path,
+    eval_task: str = "demo",
+    eval_data: str | Path | None = None,
+    eval_per_class: int = 12,
+    epochs: int = 3,
+    overwrite: bool = True,
+    echo: Callable[[str], None] = print,
+) -> FinetuneResult:
+    """Finetune tiny-clip on the demo's curated manifest(s) and probe it on the task's shapes.
+
+    Without `eval_data`, an eval ImageFolder of drawn shapes for the task's classes is written to
+    OUT/eval first; the run itself goes to OUT/finetune.
+    """
+    from curate.tasks import load_task
+
+    out = Path(out)
+    task = load_task(eval_task)
+    if eval_data is None:
+        eval_data = write_eval_folder(out / "eval", task.class_names, per_class=eval_per_class, seed=1)
+    echo(f"finetune-and-probe --train {' '.join(map(str, manifests))} --eval-task {eval_task} --eval-data {eval_data} "
+         f"--model tiny-clip --epochs {epochs} --out {out / 'finetune'}")
+    result = finetune_and_probe(
+        train=[str(m) for m in manifests], eval_task=eval_task, eval_data=str(eval_data), out=str(out / "finetune"),
+        model="tiny-clip", epochs=epochs, lr=1e-3, batch_size=32, warmup=0, workers=0, device="cpu", overwrite=overwrite,
+    )
+    echo(result.summary())
+    return result
