@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
-from curate.errors import CurateError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+from curate.console import CONTEXT, Group, configure_logging
 
 
-class _Group(click.Group):
-    """Turns a CurateError into one line on stderr and exit code 2, never a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except CurateError as exc:
-            click.echo(f"curate: error: {exc}", err=True)
-            ctx.exit(2)
-
-
-@click.group(cls=_Group, context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.version_option(package_name="curate")
 def cli(verbose: bool) -> None:
@@ -33,7 +19,7 @@ def cli(verbose: bool) -> None:
     Example, end to end on the embedded offline sample:
       curate demo --out demo-run
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.errors import CurateError
-from manifests.images import has_images, image_rows, open_image
+from manifests.images import has_images, image_rows, open_image, rebase_images
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ def filter_images(
         settings = dict(task=task_obj, model=(clip_model, pretrained), device=device, mode=mode, texts=texts,
                         threshold=threshold, percentile=percentile, per_class_cap=per_class_cap, seed=seed,
                         embeddings=embeddings, decontaminate=decontaminate, started=started)
-        report = _write_outputs(stage, table, scored, selection, kept, decon, settings)
+        rebased = rebase_images(table, manifest_dir, Path(out))  # image paths stay valid from OUT
+        report = _write_outputs(stage, rebased, scored, selection, kept, decon, settings)
     log.info("filter: kept %d of %d rows -> %s", report["counts"]["kept"], report["counts"]["input"], out)
     return FilterResult(out=Path(out), report=report)
 

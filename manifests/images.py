@@ -40,6 +40,21 @@ def image_rows(table: pa.Table) -> list[dict[str, Any]]:
     return table.select(["uid", *location]).to_pylist()
 
 
+def rebase_images(table: pa.Table, from_dir: str | os.PathLike, to_dir: str | os.PathLike) -> pa.Table:
+    """Rewrite `image_path` / `shard` (relative to `from_dir`) to be relative to `to_dir`.
+
+    A stage that writes a derived manifest into another folder without copying the images
+    (filter, for one) calls this so the new manifest still finds them.
+    """
+    prefix = os.path.relpath(Path(from_dir).resolve(), Path(to_dir).resolve())
+    for name in ("image_path", "shard"):
+        if name in table.column_names:
+            values = [None if v is None else v if os.path.isabs(v) else os.path.normpath(os.path.join(prefix, v))
+                      for v in table.column(name).to_pylist()]
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return table
+
+
 def has_images(table: pa.Table) -> bool:
     """True if the manifest carries image locations (image_path, or shard + key)."""
     try:

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
-from curate.errors import CurateError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+from curate.console import CONTEXT, Command, configure_logging
 
 
-class _Command(click.Command):
-    """Turns a CurateError into one line on stderr and exit code 2, never a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except CurateError as exc:
-            click.echo(f"curate: error: {exc}", err=True)
-            ctx.exit(2)
-
-
-@click.command("finetune-and-probe", cls=_Command, context_settings=CONTEXT)
+@click.command("finetune-and-probe", cls=Command, context_settings=CONTEXT)
 @click.option("--train", "-t", "train", multiple=True, type=click.Path(), help="Train manifest (or its folder); repeatable.")
 @click.option("--mix", default=None, help="Mixing weights, one per --train manifest, e.g. 0.9,0.1.")
 @click.option("--mix-mode", type=click.Choice(["data", "loss"]), default="data", show_default=True,
@@ -72,7 +58,7 @@ def cli(compile_: bool | None, no_resume: bool, **options) -> None:
     """
     from train.finetune import finetune_and_probe
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     result = finetune_and_probe(**options, compile="auto" if compile_ is None else compile_, resume=not no_resume)
     click.echo(result.summary())
 
