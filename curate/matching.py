@@ -35,6 +35,7 @@ class Term:
     class_index: int
     pattern: re.Pattern
     word: bool
+    pieces: tuple[str, ...]  # lowercased words of the term: a caption lacking one cannot match
 
     def spans(self, caption: str) -> Iterator[tuple[int, int]]:
         """Every occurrence (overlapping ones too); in word mode only those bounded by non-alphanumerics."""
@@ -61,7 +62,7 @@ class CaptionMatcher:
             raise ValueError(f"match mode must be one of {MATCH_MODES}, got {mode!r}")
         self.mode = mode
         self.terms = [
-            Term(text, index, re.compile(_term_body(text), re.IGNORECASE), word=mode == "word")
+            Term(text, index, re.compile(_term_body(text), re.IGNORECASE), mode == "word", tuple(text.lower().split()))
             for index, spec in enumerate(classes)
             for text in dict.fromkeys(spec.terms)
         ]
@@ -80,7 +81,14 @@ class CaptionMatcher:
     def classes_in(self, caption: str, term_ids: Iterable[int] | None = None) -> list[ClassHit]:
         """Classes named by `caption` after overlap, require_any and exclude, in order of first mention."""
         ids = range(len(self.terms)) if term_ids is None else term_ids
-        spans = [(start, end, self.terms[i].class_index) for i in ids for start, end in self.terms[i].spans(caption)]
+        lowered = caption.lower()
+        terms = [self.terms[i] for i in ids]
+        spans = [
+            (start, end, term.class_index)
+            for term in terms
+            if all(piece in lowered for piece in term.pieces)  # cheap necessary test before the regex
+            for start, end in term.spans(caption)
+        ]
         first: dict[int, ClassHit] = {}
         for start, end, cls in sorted(_drop_contained(spans), key=lambda span: (span[0], -span[1])):
             if cls not in first and self._allowed(cls, caption):

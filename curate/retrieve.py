@@ -8,6 +8,7 @@ manifest with a funnel report.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -132,19 +133,30 @@ def _check_filter_columns(sources: list[MetadataFile], filters: QualityFilters) 
 
 
 def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task, multi_class: str, threads) -> _Collected:
+    """Pass 1 (captions) of each file, while pass 2 (url and metadata of its matched rows) of the
+    previous file runs on a second DuckDB cursor in the background; results are taken in file order."""
     import duckdb
 
     collected = _Collected()
-    with duckdb.connect(config={"threads": threads or os.cpu_count() or 1}) as con, tqdm(
-        total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None
-    ) as bar:
+    with duckdb.connect(config={"threads": threads or os.cpu_count() or 1}) as con, \
+            concurrent.futures.ThreadPoolExecutor(1) as fetcher, tqdm(
+            total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None) as bar:
+        details_con = con.cursor()
+        pending = None
         for index, source in enumerate(sources, start=1):
             bar.set_postfix_str(f"file {index}/{len(sources)}")
             rows, captions, hits = _match_file(con, source, matcher, collected.funnel, bar)
-            if rows:
-                details = fetch_rows(con, source, rows).append_column("caption", pa.array(captions, pa.string()))
-                _collect(details, hits, filters, task, multi_class, collected)
+            if pending is not None:
+                _collect(*pending[0].result(), *pending[1:], filters, task, multi_class, collected)
+            pending = (fetcher.submit(_details, details_con, source, rows, captions), hits) if rows else None
+        if pending is not None:
+            _collect(*pending[0].result(), *pending[1:], filters, task, multi_class, collected)
     return collected
+
+
+def _details(con, source: MetadataFile, rows: list[int], captions: list[str]) -> tuple[pa.Table]:
+    """Pass 2 over a file: url and carried columns of the matched rows, with their captions."""
+    return (fetch_rows(con, source, rows).append_column("caption", pa.array(captions, pa.string())),)
 
 
 def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict, bar) -> tuple[list[int], list[str], list]:
