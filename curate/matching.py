@@ -16,6 +16,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -47,8 +48,7 @@ class Term:
             position = start + 1
 
 
-@dataclasses.dataclass(frozen=True)
-class ClassHit:
+class ClassHit(NamedTuple):
     class_index: int
     matched_text: str
     start: int
@@ -82,15 +82,15 @@ class CaptionMatcher:
         """Classes named by `caption` after overlap, require_any and exclude, in order of first mention."""
         ids = range(len(self.terms)) if term_ids is None else term_ids
         lowered = caption.lower()
-        terms = [self.terms[i] for i in ids]
-        spans = [
-            (start, end, term.class_index)
-            for term in terms
-            if all(piece in lowered for piece in term.pieces)  # cheap necessary test before the regex
-            for start, end in term.spans(caption)
-        ]
+        spans = []
+        for i in ids:
+            term = self.terms[i]
+            if all(piece in lowered for piece in term.pieces):  # cheap necessary test before the regex
+                spans.extend((start, end, term.class_index) for start, end in term.spans(caption))
+        if len(spans) > 1:
+            spans = sorted(_drop_contained(spans), key=lambda span: (span[0], -span[1]))
         first: dict[int, ClassHit] = {}
-        for start, end, cls in sorted(_drop_contained(spans), key=lambda span: (span[0], -span[1])):
+        for start, end, cls in spans:
             if cls not in first and self._allowed(cls, caption):
                 first[cls] = ClassHit(cls, caption[start:end], start)
         return list(first.values())

@@ -160,15 +160,16 @@ def _details(con, source: MetadataFile, rows: list[int], captions: list[str]) ->
 
 
 def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict, bar) -> tuple[list[int], list[str], list]:
-    """Pass 1 over a file's captions: the row numbers that name a class, their captions and class hits."""
+    """Pass 1 over a file's captions: the row numbers that name a class, their captions and class hits.
+
+    The candidate search runs in the prefetch thread, right behind DuckDB, so that it overlaps with the
+    exact rules that this thread applies to the previous batch."""
     rows: list[int] = []
     captions: list[str] = []
     hits: list[list[ClassHit]] = []
     first_row = 0
-    for batch in prefetch(stream_captions(con, source, BATCH_ROWS)):
-        column = batch.column("caption")
-        funnel["skipped_empty"] += column.null_count + pc.sum(pc.equal(pc.binary_length(column), 0)).as_py()
-        candidates = matcher.candidates(column)
+    for column, candidates, empty in prefetch(_candidates(stream_captions(con, source, BATCH_ROWS), matcher)):
+        funnel["skipped_empty"] += empty
         funnel["candidates"] += len(candidates)
         order = sorted(candidates)
         texts = column.take(pa.array(order, type=pa.int64())).to_pylist()
@@ -178,10 +179,18 @@ def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict
                 rows.append(first_row + index)
                 captions.append(caption)
                 hits.append(found)
-        first_row += batch.num_rows
-        bar.update(batch.num_rows)
+        first_row += len(column)
+        bar.update(len(column))
     funnel["rows_scanned"] += first_row
     return rows, captions, hits
+
+
+def _candidates(batches, matcher: CaptionMatcher):
+    """(captions, candidate rows -> term ids, count of NULL or empty captions) per batch."""
+    for batch in batches:
+        column = batch.column("caption")
+        empty = column.null_count + pc.sum(pc.equal(pc.binary_length(column), 0)).as_py()
+        yield column, matcher.candidates(column), empty
 
 
 def _collect(details: pa.Table, hits: list, filters: QualityFilters, task: Task, multi_class: str, collected: _Collected) -> None:
