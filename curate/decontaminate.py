@@ -148,7 +148,7 @@ def check_options(phash_distance: int, cosine_threshold: float) -> None:
 
 def _embed(bundle, rows, base_dir: Path, with_phash: bool, reader: dict, what: str):
     """(normalised embeddings float32, phash uint8 (n, 8), unreadable mask) of image rows."""
-    from curate.filter import ImageRows, iter_image_embeddings
+    from curate.embeddings import ImageRows, iter_image_embeddings
 
     dim = bundle.model.visual.output_dim
     embeddings = np.zeros((len(rows), dim), dtype=np.float32)

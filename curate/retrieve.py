@@ -25,7 +25,7 @@ from curate.errors import CurateError
 from curate.matching import CaptionMatcher, ClassHit
 from curate.metadata import MetadataFile, expand_inputs, fetch_rows, inspect_file, prefetch, stream_captions
 from curate.tasks import Task, load_task
-from manifests import hashed_subset_rank, staged_output_dir, uid_for_url, write_manifest, write_report
+from manifests import seeded_subset_per_class, staged_output_dir, uid_for_url, write_manifest, write_report
 from manifests.io import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -279,13 +279,8 @@ def _finish(collected: _Collected, task: Task, per_class_cap: int | None, seed: 
 
 def cap_per_class(table: pa.Table, cap: int, seed: int) -> pa.Table:
     """At most `cap` rows per label: those with the smallest seeded hash of their uid; input order kept."""
-    labels = table.column("label").to_numpy()
-    ranks = np.array([hashed_subset_rank(uid, seed) for uid in table.column("uid").to_pylist()], dtype=np.uint64)
-    keep = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        keep[rows[np.argsort(ranks[rows], kind="stable")[:cap]]] = True
-    return table.filter(pa.array(keep))
+    uids, labels = table.column("uid").to_pylist(), table.column("label").to_numpy()
+    return table.filter(pa.array(seeded_subset_per_class(uids, labels, seed, lambda n: min(n, cap))))
 
 
 def _per_class_counts(table: pa.Table, task: Task) -> dict[str, int]:

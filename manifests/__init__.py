@@ -9,7 +9,7 @@ from manifests.io import (
     write_report,
 )
 from manifests.schema import COLUMNS, REQUIRED_COLUMNS, SOURCES, conform, validate
-from manifests.uid import hashed_subset_rank, uid_for_synthetic, uid_for_url
+from manifests.uid import hashed_subset_rank, seeded_ranks, seeded_subset_per_class, uid_for_synthetic, uid_for_url
 
 __all__ = [
     "COLUMNS",
@@ -19,6 +19,8 @@ __all__ = [
     "hashed_subset_rank",
     "read_manifest",
     "read_report",
+    "seeded_ranks",
+    "seeded_subset_per_class",
     "staged_output_dir",
     "uid_for_synthetic",
     "uid_for_url",

@@ -1,8 +1,11 @@
-"""The uid codec, in one place: stable identifiers for manifest rows."""
+"""The uid codec, in one place: stable identifiers for manifest rows, and seeded subsets keyed by uid."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 
 def _digest(text: str) -> str:
@@ -27,3 +30,22 @@ def uid_for_synthetic(task: str, caption: str, seed: int) -> str:
 def hashed_subset_rank(uid: str, seed: int) -> int:
     """A seeded pseudo-random rank for deterministic subsets (caps, fractions) independent of row order."""
     return int.from_bytes(hashlib.blake2b(f"{seed}\x00{uid}".encode(), digest_size=8).digest(), "big")
+
+
+def seeded_ranks(uids: Sequence[str], seed: int) -> np.ndarray:
+    """`hashed_subset_rank` of every uid, as uint64: sorting by it is a seeded shuffle independent of row order."""
+    return np.fromiter((hashed_subset_rank(uid, seed) for uid in uids), dtype=np.uint64, count=len(uids))
+
+
+def seeded_subset_per_class(uids: Sequence[str], labels: np.ndarray, seed: int, size: Callable[[int], int]) -> np.ndarray:
+    """Boolean mask keeping, in every class of n rows, the `size(n)` rows of smallest seeded rank.
+
+    A smaller size keeps a subset of what a larger one keeps (data-reduction sweeps nest).
+    """
+    labels = np.asarray(labels)
+    ranks = seeded_ranks(uids, seed)
+    keep = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        keep[rows[np.argsort(ranks[rows], kind="stable")[: size(len(rows))]]] = True
+    return keep

@@ -186,7 +186,8 @@ def bench_images(args, work: Path) -> list[tuple]:
     from helpers_images import make_image_manifest
     from helpers_images import write_task as write_shape_task
 
-    from curate.filter import ImageRows, filter_images, image_loader
+    from curate.embeddings import ImageRows, image_loader
+    from curate.filter import filter_images
     from curate.models import encode_images, load_clip
     from manifests.io import read_manifest
 

@@ -31,12 +31,7 @@ STRICT = 0.9999  # tiny-clip: only identical pixels are CLIP duplicates
 RADIUS = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture()

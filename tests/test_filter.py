@@ -25,12 +25,7 @@ from manifests.io import read_manifest, write_manifest
 TINY = dict(clip_model="tiny-clip", device="cpu", workers=0, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +339,7 @@ def test_pretrained_default_depends_on_the_model():
 
 
 def test_key_index_checks_strings_after_a_hash_hit_and_falls_back_on_collisions(monkeypatch):
-    from curate.filter import _KeyIndex
+    from curate.embeddings import _KeyIndex
 
     lengths = lambda self, values: np.array([len(v or "") for v in values.to_pylist()], dtype=np.uint64)  # noqa: E731
     monkeypatch.setattr(_KeyIndex, "_hash", lengths)

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from curate.errors import CurateError
 from manifests.io import read_manifest
-from manifests.uid import hashed_subset_rank
+from manifests.uid import seeded_subset_per_class
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +170,7 @@ def stratified_fraction(uids: list[str], labels: np.ndarray, fraction: float, se
     """
     if fraction >= 1:
         return np.arange(len(uids))
-    keep: list[int] = []
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        ranked = sorted(rows, key=lambda i: hashed_subset_rank(uids[i], seed))
-        keep.extend(ranked[: max(1, round(fraction * len(rows)))])
-    return np.sort(np.asarray(keep, dtype=np.int64))
+    return np.flatnonzero(seeded_subset_per_class(uids, labels, seed, lambda n: max(1, round(fraction * n))))
 
 
 def _provenance(manifest_dir: Path) -> dict[str, Any]:
