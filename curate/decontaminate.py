@@ -108,7 +108,7 @@ def decontaminate(
             raise CurateError("decontamination needs the training images (image_path or shard/key) or their embeddings")
         rows = image_rows(table)
         train_embeddings, train_phash, unreadable = _embed(bundle, rows, Path(manifest_dir), True, reader, "train")
-    eval_rows = [{"image_path": str(path)} for path in eval_files]
+    eval_rows = [{"image_path": str(path.resolve())} for path in eval_files]  # read from "/", so absolute
     eval_emb, eval_phash, eval_bad = _embed(bundle, eval_rows, Path("/"), train_phash is not None, reader, "eval")
     names = [str(path.relative_to(eval_dir)) for path in eval_files]
     finder = _Finder(table, ~unreadable, names, phash_distance, cosine_threshold)

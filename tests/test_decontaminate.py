@@ -74,6 +74,16 @@ def test_filter_drops_exactly_the_planted_duplicates(planted, tmp_path):
     assert report["eval_images"] == 6 and len(report["pairs"]) == 3
 
 
+def test_relative_paths_from_the_working_folder(planted, tmp_path, monkeypatch):
+    task, manifest, eval_dir, _ = planted
+    monkeypatch.chdir(tmp_path)
+    result = filter_images(task, manifest.relative_to(tmp_path), "out-rel", threshold=-1, decontaminate="eval",
+                           cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
+    report = json.loads((tmp_path / "out-rel" / "report.json").read_text())["decontamination"]
+    assert report["eval_unreadable"] == 0 and report["counts"]["eval_phash"] == 2
+    assert result.counts["decontaminated"] == 3
+
+
 def test_decontamination_runs_after_the_score_rule_and_before_the_cap(planted, tmp_path):
     task, manifest, eval_dir, _ = planted
     result = filter_images(task, manifest, tmp_path / "out", threshold=-1, per_class_cap=2,
