@@ -110,6 +110,8 @@ def decontaminate(
         train_embeddings, train_phash, unreadable = _embed(bundle, rows, Path(manifest_dir), True, reader, "train")
     eval_rows = [{"image_path": str(path.resolve())} for path in eval_files]  # read from "/", so absolute
     eval_emb, eval_phash, eval_bad = _embed(bundle, eval_rows, Path("/"), train_phash is not None, reader, "eval")
+    if eval_bad.all():
+        raise CurateError(f"none of the {len(eval_files)} eval images in {eval_dir} could be read")
     names = [str(path.relative_to(eval_dir)) for path in eval_files]
     finder = _Finder(table, ~unreadable, names, phash_distance, cosine_threshold)
     good_eval = ~eval_bad

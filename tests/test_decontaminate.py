@@ -179,6 +179,7 @@ def test_multi_index_hashing_matches_brute_force_across_blocks(monkeypatch):
     ("missing", "eval folder not found"),
     ("empty", "holds no image files"),
     ("phash", "phash distance must be in [0, 16], got 20"),
+    ("corrupt", "none of the 2 eval images in"),
 ])
 def test_cli_rejects_bad_decontamination_input(planted, tmp_path, setup, message):
     task, manifest, eval_dir, _ = planted
@@ -189,6 +190,11 @@ def test_cli_rejects_bad_decontamination_input(planted, tmp_path, setup, message
         eval_dir = tmp_path / "empty"
         (eval_dir / "cls").mkdir(parents=True)
         (eval_dir / "cls" / "notes.txt").write_text("no images here")
+    elif setup == "corrupt":
+        eval_dir = tmp_path / "corrupt"
+        (eval_dir / "cls").mkdir(parents=True)
+        for name in ("a.jpg", "b.png"):
+            (eval_dir / "cls" / name).write_bytes(b"not an image")
     else:
         extra = ["--phash-distance", "20"]
     out = tmp_path / "out"
