@@ -240,3 +240,36 @@ def test_failure_midway_leaves_no_output(tmp_path, write_task, write_laion, runn
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task(TASK)), "-m", str(tmp_path / "meta"), "-o", str(out))
     assert_clean_failure(result, out, "b.parquet")
+
+
+def test_hostile_class_and_column_names_end_to_end(tmp_path, write_task, runner):
+    names = ["colt's foot", "F-16A/B", "c++ (beta)", 'say "cheese"', "Pokémon card", "50%_off; DROP TABLE x"]
+    path = tmp_path / "hostile.parquet"
+    captions = [f"a caption about {name.upper()} here" for name in names] + ["nothing at all"]
+    pq.write_table(pa.table({'li"nk': [f"http://h/{i}" for i in range(len(captions))], "te'xt": captions}), path)
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task({"name": "hostile", "classes": names})), "-m", str(path), "-o", str(out),
+                 "--url-col", 'li"nk', "--caption-col", "te'xt")
+    assert result.exit_code == 0, result.output
+    assert manifest_rows(out)["class_name"].tolist() == names
+
+
+def test_threads_option_gives_the_same_manifest(tmp_path, write_task, write_laion):
+    meta = write_laion([(f"u{i}", f"{['737', 'A320', '737-800'][i % 3]} photo {i}") for i in range(300)])
+    for name, threads in (("one", 1), ("two", 2)):
+        retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / name, threads=threads)
+    assert (tmp_path / "one" / "manifest.parquet").read_bytes() == (tmp_path / "two" / "manifest.parquet").read_bytes()
+
+
+def test_row_order_kept_across_many_row_groups_and_threads(tmp_path, write_task):
+    from curate.sample_metadata import write_laion_sample
+
+    names = ["737-800", "A320", "Cessna 172"]
+    write_laion_sample(tmp_path / "meta", 30000, names, plant_rate=0.05, files=2, chunk_rows=4000, row_group_rows=1000)
+    for name, threads in (("one", 1), ("two", 2)):
+        retrieve(task=write_task({"name": "p", "classes": names}), metadata=[str(tmp_path / "meta")], out=tmp_path / name,
+                 threads=threads)
+    rows = manifest_rows(tmp_path / "two")
+    ids = rows["url"].str.extract(r"/(\d+)\.jpg$")[0].astype(int)
+    assert len(rows) > 1000 and ids.is_monotonic_increasing
+    assert (tmp_path / "one" / "manifest.parquet").read_bytes() == (tmp_path / "two" / "manifest.parquet").read_bytes()
