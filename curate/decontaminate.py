@@ -27,11 +27,10 @@ import numpy as np
 import pyarrow as pa
 
 from curate.errors import CurateError
-from manifests.images import has_images, image_rows
+from manifests.images import IMAGE_SUFFIXES, has_images, image_rows
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 BLOCK = 4096
 MAX_LISTED_PAIRS = 1000
 PAIR_SCHEMA = pa.schema([

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -35,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from manifests.io import MANIFEST_NAME, read_manifest, read_report, write_json, write_manifest, write_report
+from manifests.io import MANIFEST_NAME, atomic_write, read_manifest, read_report, write_json, write_manifest, write_report
 
 log = logging.getLogger(__name__)
 
@@ -396,12 +395,4 @@ def _finish(out: Path, downloaded: pa.Table, failed: pa.Table, report: dict[str,
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))

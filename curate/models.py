@@ -125,12 +125,14 @@ def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is returned as given."""
-    if device != "auto":
-        return device
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; CurateError for a CUDA device on a machine without one."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CurateError(f"device '{device}' requested but CUDA is not available")
+    return device
 
 
 def encode_images(bundle: ClipBundle, images, device: str = "cpu"):

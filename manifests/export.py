@@ -8,7 +8,6 @@ export leaves nothing behind.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from manifests.images import iter_images
+from manifests.images import iter_images, safe_name
 from manifests.io import read_manifest, staged_output_dir, write_report
 
 Exporter = Callable[[pa.Table, Path, Path], list[str]]
@@ -25,7 +24,6 @@ IMG2DATASET_FILE = "img2dataset_input.parquet"
 SAMPLES_PER_TAR = 10_000
 CLASSES_FILE = "classes.txt"
 _LOCATION_COLUMNS = ("image_path", "shard", "key")
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 
 
 def export_img2dataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
@@ -66,7 +64,7 @@ def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[st
     keys: set[str] = set()
     with wds.ShardWriter(pattern, maxcount=SAMPLES_PER_TAR, verbose=0) as sink:
         for row, data, ext in iter_images(table, manifest_dir):
-            key = _unique(_safe_name(str(row["uid"]).replace(".", "_")), keys, row)
+            key = _unique(safe_name(str(row["uid"]).replace(".", "_")), keys, row)
             meta = {k: v for k, v in row.items() if k not in ("label", "caption", *_LOCATION_COLUMNS)}
             sample = {"__key__": key, ext: data, "cls": row["label"], "txt": row["caption"] or ""}
             sink.write({**sample, "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")})
@@ -86,7 +84,7 @@ def export_imagefolder(table: pa.Table, manifest_dir: Path, out: Path) -> list[s
     written: set[str] = set()
     for row, data, ext in iter_images(table, manifest_dir):
         folder = folders[(row["label"], row["class_name"])]
-        name = _unique(f"{folder}/{_safe_name(str(row['uid']))}.{ext}", written, row)
+        name = _unique(f"{folder}/{safe_name(str(row['uid']))}.{ext}", written, row)
         (out / name).write_bytes(data)
     return [CLASSES_FILE, *sorted(f"{folder}/" for folder in folders.values())]
 
@@ -97,18 +95,12 @@ def _class_folders(table: pa.Table) -> dict[tuple[int, str], str]:
     folders: dict[tuple[int, str], str] = {}
     taken: set[str] = set()
     for pair in sorted(pairs, key=lambda p: (p["label"], p["class_name"])):
-        folder = _safe_name(pair["class_name"]) or f"class_{pair['label']}"
+        folder = safe_name(pair["class_name"]) or f"class_{pair['label']}"
         while folder.casefold() in taken:
             folder = f"{folder}_{pair['label']}"
         taken.add(folder.casefold())
         folders[(pair["label"], pair["class_name"])] = folder
     return folders
-
-
-def _safe_name(name: str, max_bytes: int = 200) -> str:
-    """`name` usable as one path component: separators, reserved and control characters become '_'."""
-    safe = _UNSAFE.sub("_", name).strip(" .")
-    return safe.encode("utf-8")[:max_bytes].decode("utf-8", "ignore").rstrip(" .")
 
 
 def _unique(name: str, seen: set[str], row: dict) -> str:

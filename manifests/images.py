@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,18 @@ import pyarrow as pa
 from curate.errors import CurateError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 NO_IMAGES = "manifest has no images: run curate download first"
+
+
+def safe_name(name: str, max_bytes: int = 200) -> str:
+    """`name` usable as one path component: separators, reserved and control characters become '_'.
+
+    The ImageFolder exporter names class folders with it, and finetune-and-probe reads eval folders by it.
+    """
+    safe = _UNSAFE.sub("_", name).strip(" .")
+    return safe.encode("utf-8")[:max_bytes].decode("utf-8", "ignore").rstrip(" .")
 
 
 def image_layout(table: pa.Table) -> str:

@@ -41,14 +41,14 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
 def write_manifest(table: pa.Table, path: str | os.PathLike) -> pa.Table:
     """Validate and write a manifest atomically; returns the conformed table."""
     table = validate(table)
-    _atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return table
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
     """Write JSON atomically, pretty-printed, keys in insertion order."""
     text = json.dumps(data, indent=2, default=_json_default) + "\n"
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +96,9 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     os.replace(staging, out)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it to `path` (removed on failure)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -10,13 +10,13 @@ temp name and renamed, so a kill never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from curate.errors import CurateError
+from manifests.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,7 @@ def save_checkpoint(path: Path, bundle, classifier, classes: list[str], epoch: i
         "epoch": int(epoch),
         **(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,14 @@ import numpy as np
 import pyarrow as pa
 
 from curate.errors import CurateError
+from manifests.images import IMAGE_SUFFIXES, open_image, safe_name
 from manifests.io import read_manifest
 from manifests.uid import seeded_subset_per_class
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MIX_MODES = ("data", "loss")
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')  # the same rule as the ImageFolder exporter
-
-try:  # the shared image reader (manifests/images.py); until it lands, the fallback below
-    from manifests.images import open_image as _shared_open_image
-except ImportError:  # pragma: no cover - depends on the branch state
-    _shared_open_image = None
 
 
 @dataclasses.dataclass
@@ -54,29 +47,6 @@ class TrainSource:
         return self.table.num_rows
 
 
-# ---------------------------------------------------------------- reading images
-def _open_image(row: dict[str, Any], manifest_dir: Path):
-    """One manifest row's image as an RGB PIL image (swap point for manifests.images.open_image)."""
-    if _shared_open_image is not None:
-        return _shared_open_image(row, manifest_dir)
-    import io
-    import tarfile
-
-    from PIL import Image
-
-    try:
-        if row.get("image_path"):
-            image = Image.open(Path(manifest_dir) / row["image_path"])
-        else:
-            with tarfile.open(Path(manifest_dir) / row["shard"], "r:") as tar:
-                names = {m.name.rpartition(".")[0]: m for m in tar.getmembers() if m.name.lower().endswith(IMAGE_SUFFIXES)}
-                image = Image.open(io.BytesIO(tar.extractfile(names[str(row["key"])]).read()))
-        image.load()
-    except (OSError, KeyError) as exc:
-        raise CurateError(f"cannot read image of row {row.get('uid')}: {exc}") from None
-    return image.convert("RGB")
-
-
 class ManifestDataset:
     """(image tensor, label, source index) for the rows of one TrainSource."""
 
@@ -92,7 +62,7 @@ class ManifestDataset:
         return len(self.rows)
 
     def __getitem__(self, index: int):
-        image = _open_image(self.rows[index], self.manifest_dir)
+        image = open_image(self.rows[index], self.manifest_dir)
         return self.transform(image), int(self.labels[index]), self.source_index
 
 
@@ -191,7 +161,7 @@ def _provenance(manifest_dir: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- eval ImageFolder
 def class_folder_name(name: str) -> str:
     """The file-system-safe folder name of a class (what the ImageFolder exporter writes)."""
-    return _UNSAFE.sub("_", name).strip(" .")
+    return safe_name(name)
 
 
 def scan_eval_folder(root: str | Path, class_names: list[str], splits: tuple[str, ...] = SPLITS) -> dict[str, list[tuple[Path, int]]]:

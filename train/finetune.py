@@ -179,10 +179,9 @@ def _check_options(s: dict[str, Any]) -> None:
 def _device_and_precision(device: str, precision: str):
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CurateError(f"device '{device}' requested but CUDA is not available")
+    from curate.models import resolve_device
+
+    device = resolve_device(device)
     if precision == "auto":
         if not device.startswith("cuda"):
             return device, None
