@@ -85,7 +85,10 @@ class CaptionMatcher:
         spans = []
         for i in ids:
             term = self.terms[i]
-            if all(piece in lowered for piece in term.pieces):  # cheap necessary test before the regex
+            for piece in term.pieces:  # cheap necessary test before the regex
+                if piece not in lowered:
+                    break
+            else:
                 spans.extend((start, end, term.class_index) for start, end in term.spans(caption))
         if len(spans) > 1:
             spans = sorted(_drop_contained(spans), key=lambda span: (span[0], -span[1]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import itertools
 import os
 import queue
 import threading
@@ -38,6 +39,7 @@ class MetadataFile:
     path: str
     num_rows: int
     columns: dict[str, str]  # manifest name -> column in the file (url, caption and carried ones)
+    row_group_ends: tuple[int, ...] = ()  # file row number one past each row group
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -74,7 +76,8 @@ def inspect_file(path: str, url_col: str | None = None, caption_col: str | None 
         found = _find(names, candidates)
         if found and found not in columns.values():
             columns[target] = found
-    return MetadataFile(path=path, num_rows=meta.num_rows, columns=columns)
+    ends = itertools.accumulate(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return MetadataFile(path=path, num_rows=meta.num_rows, columns=columns, row_group_ends=tuple(ends))
 
 
 def _pick(names: list[str], given: str | None, candidates: tuple[str, ...], what: str, path: str, option: str) -> str:
@@ -147,34 +150,38 @@ def stream_captions(con, source: MetadataFile, batch_rows: int) -> Iterator[pa.R
     """
     caption = quote_identifier(source.columns["caption"])
     query = f"SELECT {caption} AS caption FROM read_parquet($path)"
-    yield from _run(con, query, source.path, lambda relation: relation.to_arrow_reader(batch_rows))
+    yield from _run(con, query, {"path": source.path}, lambda relation: relation.to_arrow_reader(batch_rows))
 
 
 def fetch_rows(con, source: MetadataFile, rows: Sequence[int]) -> pa.Table:
-    """The url and carried columns of the given file rows (ascending row numbers), as a table with `row`."""
+    """The url and carried columns of the given file rows (ascending row numbers), as a table with `row`.
+
+    The range condition lets DuckDB skip the row groups outside [rows[0], rows[-1]]."""
     select = ", ".join(f"{quote_identifier(col)} AS {quote_identifier(name)}" for name, col in source.columns.items() if name != "caption")
     wanted = pa.table({"n": pa.array(rows, pa.int64())})  # noqa: F841 -- DuckDB reads the local Arrow table by name
     query = (
         f"SELECT file_row_number AS row, {select} FROM read_parquet($path, file_row_number=true) "
-        "WHERE file_row_number IN (SELECT n FROM wanted) ORDER BY file_row_number"
+        "WHERE file_row_number BETWEEN $first AND $last AND file_row_number IN (SELECT n FROM wanted) "
+        "ORDER BY file_row_number"
     )
     con.register("wanted", wanted)
     try:
-        return _run(con, query, source.path, lambda relation: relation.to_arrow_table())
+        params = {"path": source.path, "first": rows[0], "last": rows[-1]}
+        return _run(con, query, params, lambda relation: relation.to_arrow_table())
     finally:
         con.unregister("wanted")
 
 
-def _run(con, query: str, path: str, fetch):
+def _run(con, query: str, params: dict, fetch):
     import duckdb
 
     try:
-        result = fetch(con.sql(query, params={"path": path}))
+        result = fetch(con.sql(query, params=params))
         if isinstance(result, pa.Table):
             return result
-        return _guarded(result, path)
+        return _guarded(result, params["path"])
     except duckdb.Error as exc:
-        raise CurateError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise CurateError(f"cannot read {params['path']}: {str(exc).splitlines()[0]}") from None
 
 
 def _guarded(reader, path: str) -> Iterator[pa.RecordBatch]:

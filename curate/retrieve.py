@@ -8,12 +8,14 @@ manifest with a funnel report.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import concurrent.futures
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from manifests.io import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 BATCH_ROWS = 1 << 20
+STREAM_BUFFER_MB = 128
 FUNNEL_KEYS = ("rows_scanned", "skipped_empty", "candidates", "matched", "ambiguous", "ambiguous_extra_rows",
                "filtered_quality", "duplicates", "capped", "kept")
 
@@ -133,40 +136,64 @@ def _check_filter_columns(sources: list[MetadataFile], filters: QualityFilters) 
 
 
 def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task, multi_class: str, threads) -> _Collected:
-    """Pass 1 (captions) of each file, while pass 2 (url and metadata of its matched rows) of the
-    previous file runs on a second DuckDB cursor in the background; results are taken in file order."""
+    """Pass 1 (captions) runs on `threads` DuckDB threads; after each run of whole row groups, pass 2 (url
+    and metadata of the rows it matched) is queued on a one-thread connection in the background, so the
+    two overlap down to the last row group. Results are collected in queue order, i.e. input order."""
     import duckdb
 
     collected = _Collected()
     with duckdb.connect(config={"threads": threads or os.cpu_count() or 1}) as con, \
+            duckdb.connect(config={"threads": 1}) as details_con, \
             concurrent.futures.ThreadPoolExecutor(1) as fetcher, tqdm(
             total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None) as bar:
-        details_con = con.cursor()
-        pending = None
+        pending: collections.deque = collections.deque()
+        # room for a few batches, so DuckDB keeps decoding while this process matches the previous ones
+        con.execute(f"SET streaming_buffer_size = '{STREAM_BUFFER_MB}MB'")
         for index, source in enumerate(sources, start=1):
             bar.set_postfix_str(f"file {index}/{len(sources)}")
-            rows, captions, hits = _match_file(con, source, matcher, collected.funnel, bar)
-            if pending is not None:
-                _collect(*pending[0].result(), *pending[1:], filters, task, multi_class, collected)
-            pending = (fetcher.submit(_details, details_con, source, rows, captions), hits) if rows else None
-        if pending is not None:
-            _collect(*pending[0].result(), *pending[1:], filters, task, multi_class, collected)
+            for chunk in _match_file(con, source, matcher, collected.funnel, bar):
+                pending.append((fetcher.submit(_details, details_con, source, chunk), chunk.hits))
+                while pending and pending[0][0].done():
+                    _collect_next(pending, filters, task, multi_class, collected)
+        while pending:
+            _collect_next(pending, filters, task, multi_class, collected)
     return collected
 
 
-def _details(con, source: MetadataFile, rows: list[int], captions: list[str]) -> tuple[pa.Table]:
-    """Pass 2 over a file: url and carried columns of the matched rows, with their captions."""
-    return (fetch_rows(con, source, rows).append_column("caption", pa.array(captions, pa.string())),)
+def _collect_next(pending: collections.deque, filters: QualityFilters, task: Task, multi_class: str, collected: _Collected) -> None:
+    details, hits = pending.popleft()
+    _collect(details.result(), hits, filters, task, multi_class, collected)
 
 
-def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict, bar) -> tuple[list[int], list[str], list]:
-    """Pass 1 over a file's captions: the row numbers that name a class, their captions and class hits.
+@dataclasses.dataclass
+class _Matches:
+    """Rows of one file that name a class (ascending), with their captions and class hits."""
+
+    rows: list[int] = dataclasses.field(default_factory=list)
+    captions: list[str] = dataclasses.field(default_factory=list)
+    hits: list[list[ClassHit]] = dataclasses.field(default_factory=list)
+
+    def split_before(self, row: int) -> _Matches:
+        """Remove and return the matches before file row `row`."""
+        cut = bisect.bisect_left(self.rows, row)
+        head = _Matches(self.rows[:cut], self.captions[:cut], self.hits[:cut])
+        del self.rows[:cut], self.captions[:cut], self.hits[:cut]
+        return head
+
+
+def _details(con, source: MetadataFile, matches: _Matches) -> pa.Table:
+    """Pass 2: url and carried columns of the matched rows, with their captions."""
+    return fetch_rows(con, source, matches.rows).append_column("caption", pa.array(matches.captions, pa.string()))
+
+
+def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict, bar) -> Iterator[_Matches]:
+    """Pass 1 over a file's captions: the matched rows, handed on in runs of whole row groups (so that
+    pass 2 decodes each row group once).
 
     The candidate search runs in the prefetch thread, right behind DuckDB, so that it overlaps with the
     exact rules that this thread applies to the previous batch."""
-    rows: list[int] = []
-    captions: list[str] = []
-    hits: list[list[ClassHit]] = []
+    matches = _Matches()
+    ends = source.row_group_ends
     first_row = 0
     for column, candidates, empty in prefetch(_candidates(stream_captions(con, source, BATCH_ROWS), matcher)):
         funnel["skipped_empty"] += empty
@@ -176,13 +203,17 @@ def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict
         for index, caption in zip(order, texts):
             found = matcher.classes_in(caption, candidates[index])
             if found:
-                rows.append(first_row + index)
-                captions.append(caption)
-                hits.append(found)
+                matches.rows.append(first_row + index)
+                matches.captions.append(caption)
+                matches.hits.append(found)
         first_row += len(column)
         bar.update(len(column))
+        done_groups = bisect.bisect_right(ends, first_row)
+        if done_groups and matches.rows and ends[done_groups - 1] - matches.rows[0] >= BATCH_ROWS:
+            yield matches.split_before(ends[done_groups - 1])
     funnel["rows_scanned"] += first_row
-    return rows, captions, hits
+    if matches.rows:
+        yield matches
 
 
 def _candidates(batches, matcher: CaptionMatcher):
@@ -193,7 +224,7 @@ def _candidates(batches, matcher: CaptionMatcher):
         yield column, matcher.candidates(column), empty
 
 
-def _collect(details: pa.Table, hits: list, filters: QualityFilters, task: Task, multi_class: str, collected: _Collected) -> None:
+def _collect(details: pa.Table, hits: list[list[ClassHit]], filters: QualityFilters, task: Task, multi_class: str, collected: _Collected) -> None:
     """Pass 2 over a file's matched rows: ambiguity, empty URL, quality filters, URL de-duplication."""
     funnel = collected.funnel
     funnel["matched"] += len(hits)
