@@ -57,7 +57,7 @@ class ClassHit(NamedTuple):
 class CaptionMatcher:
     """Match captions against the classes of a task (labels = class indices)."""
 
-    def __init__(self, classes: Sequence[ClassSpec], mode: str = "word", engine: str = "auto"):
+    def __init__(self, classes: Sequence[ClassSpec], mode: str = "word", engine: str = "auto", threads: int | None = None):
         if mode not in MATCH_MODES:
             raise ValueError(f"match mode must be one of {MATCH_MODES}, got {mode!r}")
         self.mode = mode
@@ -68,7 +68,7 @@ class CaptionMatcher:
         ]
         self._required = [_any_word(spec.require_any) for spec in classes]
         self._excluded = [_any_word(spec.exclude) for spec in classes]
-        self._prefilter = _make_prefilter([t.text for t in self.terms], engine)
+        self._prefilter = _make_prefilter([t.text for t in self.terms], engine, threads)
 
     @property
     def engine(self) -> str:
@@ -217,10 +217,10 @@ class _ArrowRegexPrefilter:
         return dict.fromkeys(rows.tolist())
 
 
-def _make_prefilter(terms: list[str], engine: str):
+def _make_prefilter(terms: list[str], engine: str, threads: int | None):
     if engine in ("auto", "hyperscan"):
         try:
-            return _HyperscanPrefilter(terms)
+            return _HyperscanPrefilter(terms, threads)
         except ImportError:
             if engine == "hyperscan":
                 raise

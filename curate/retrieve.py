@@ -116,7 +116,7 @@ def retrieve(
     filters = QualityFilters(max_punsafe, max_pwatermark, min_side)
     sources = [inspect_file(path, url_col, caption_col) for path in expand_inputs(metadata)]
     _check_filter_columns(sources, filters)
-    matcher = CaptionMatcher(task.classes, mode=match_mode)
+    matcher = CaptionMatcher(task.classes, mode=match_mode, threads=threads)
     with staged_output_dir(out, overwrite=overwrite) as staging:
         collected = _scan(sources, matcher, filters, task, multi_class, threads)
         table = _finish(collected, task, per_class_cap, seed)
