@@ -31,7 +31,8 @@ from manifests import seeded_subset_per_class, staged_output_dir, uid_for_url, w
 from manifests.io import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
-BATCH_ROWS = 1 << 20
+BATCH_ROWS = 1 << 20  # captions per Arrow batch of pass 1
+PASS2_ROWS = 1 << 20  # pass 2 runs once per this many rows (whole row groups) of a file
 STREAM_BUFFER_MB = 128
 FUNNEL_KEYS = ("rows_scanned", "skipped_empty", "candidates", "matched", "ambiguous", "ambiguous_extra_rows",
                "filtered_quality", "duplicates", "capped", "kept")
@@ -209,7 +210,7 @@ def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict
         first_row += len(column)
         bar.update(len(column))
         done_groups = bisect.bisect_right(ends, first_row)
-        if done_groups and matches.rows and ends[done_groups - 1] - matches.rows[0] >= BATCH_ROWS:
+        if done_groups and matches.rows and ends[done_groups - 1] - matches.rows[0] >= PASS2_ROWS:
             yield matches.split_before(ends[done_groups - 1])
     funnel["rows_scanned"] += first_row
     if matches.rows:

@@ -287,7 +287,8 @@ def test_pass_two_in_row_group_chunks_gives_the_same_manifest(tmp_path, write_ta
     fetched = []
     original = retrieve_module.fetch_rows
     monkeypatch.setattr(retrieve_module, "fetch_rows", lambda con, source, rows: fetched.append(list(rows)) or original(con, source, rows))
-    monkeypatch.setattr(retrieve_module, "BATCH_ROWS", 2500)
+    monkeypatch.setattr(retrieve_module, "BATCH_ROWS", 1000)
+    monkeypatch.setattr(retrieve_module, "PASS2_ROWS", 2500)
     retrieve(task=task, metadata=[str(tmp_path / "meta")], out=tmp_path / "chunked")
     assert len(fetched) >= 3
     groups = [{row // 1000 for row in rows} for rows in fetched]
