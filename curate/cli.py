@@ -38,10 +38,10 @@ def tasks_group(ctx: click.Context) -> None:
       curate tasks show flowers102
     """
     if ctx.invoked_subcommand is None:
-        from curate.tasks import builtin_task_names, load_task
+        from curate.tasks import builtin_task, builtin_task_names
 
         for name in builtin_task_names():
-            task = load_task(name)
+            task = builtin_task(name)
             click.echo(f"{name:16s} {len(task.classes):4d} classes  domain: {'; '.join(task.domain_text)}")
 
 

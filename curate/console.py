@@ -32,7 +32,7 @@ class Command(ReportsErrors, click.Command):
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """Our own progress notes at INFO (DEBUG with -v); other libraries' loggers only warn."""
+    """Our own progress notes at INFO, other libraries' at WARNING; with -v everything at DEBUG."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for package in OUR_PACKAGES:
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)

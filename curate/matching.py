@@ -51,7 +51,6 @@ class Term:
 class ClassHit(NamedTuple):
     class_index: int
     matched_text: str
-    start: int
 
 
 class CaptionMatcher:
@@ -95,7 +94,7 @@ class CaptionMatcher:
         first: dict[int, ClassHit] = {}
         for start, end, cls in spans:
             if cls not in first and self._allowed(cls, caption):
-                first[cls] = ClassHit(cls, caption[start:end], start)
+                first[cls] = ClassHit(cls, caption[start:end])
         return list(first.values())
 
     def _allowed(self, cls: int, caption: str) -> bool:

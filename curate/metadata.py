@@ -158,7 +158,7 @@ def fetch_rows(con, source: MetadataFile, rows: Sequence[int]) -> pa.Table:
 
     The range condition lets DuckDB skip the row groups outside [rows[0], rows[-1]]."""
     select = ", ".join(f"{quote_identifier(col)} AS {quote_identifier(name)}" for name, col in source.columns.items() if name != "caption")
-    wanted = pa.table({"n": pa.array(rows, pa.int64())})  # noqa: F841 -- DuckDB reads the local Arrow table by name
+    wanted = pa.table({"n": pa.array(rows, pa.int64())})
     query = (
         f"SELECT file_row_number AS row, {select} FROM read_parquet($path, file_row_number=true) "
         "WHERE file_row_number BETWEEN $first AND $last AND file_row_number IN (SELECT n FROM wanted) "

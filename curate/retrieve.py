@@ -29,6 +29,7 @@ from curate.metadata import MetadataFile, expand_inputs, fetch_rows, inspect_fil
 from curate.tasks import Task, load_task
 from manifests import seeded_subset_per_class, staged_output_dir, uid_for_url, write_manifest, write_report
 from manifests.io import MANIFEST_NAME
+from manifests.schema import conform, empty_table
 
 log = logging.getLogger(__name__)
 BATCH_ROWS = 1 << 20  # captions per Arrow batch of pass 1
@@ -111,7 +112,7 @@ def retrieve(
         RetrieveResult with the funnel counts and per-class counts.
     """
     started = time.perf_counter()
-    task = task if isinstance(task, Task) else load_task(task)
+    task = load_task(task)
     if multi_class not in ("drop", "duplicate"):
         raise CurateError(f"--multi-class must be drop or duplicate, got {multi_class!r}")
     filters = QualityFilters(max_punsafe, max_pwatermark, min_side)
@@ -221,7 +222,7 @@ def _candidates(batches, matcher: CaptionMatcher):
     """(captions, candidate rows -> term ids, count of NULL or empty captions) per batch."""
     for batch in batches:
         column = batch.column("caption")
-        empty = column.null_count + pc.sum(pc.equal(pc.binary_length(column), 0)).as_py()
+        empty = column.null_count + pc.sum(pc.equal(pc.binary_length(column), 0), min_count=0).as_py()
         yield column, matcher.candidates(column), empty
 
 
@@ -277,7 +278,7 @@ def quality_mask(batch: pa.RecordBatch, filters: QualityFilters) -> pa.BooleanAr
 def _rows_table(details: pa.Table, take: list[int], labels: list[int], texts: list[str], task: Task) -> pa.Table:
     """Manifest rows: one per (matched row, class); a URL emitted for several classes gets per-label uids."""
     rows = details.take(pa.array(take, type=pa.int64())).drop_columns(["row"])
-    repeated = {i for i in take if take.count(i) > 1} if len(set(take)) != len(take) else set()
+    repeated = {i for i, count in collections.Counter(take).items() if count > 1}
     urls = rows.column("url").to_pylist()
     uids = [uid_for_url(u, label if i in repeated else None) for u, label, i in zip(urls, labels, take)]
     names = task.class_names
@@ -296,8 +297,6 @@ def _rows_table(details: pa.Table, take: list[int], labels: list[int], texts: li
 
 
 def _finish(collected: _Collected, task: Task, per_class_cap: int | None, seed: int) -> pa.Table:
-    from manifests.schema import conform, empty_table
-
     base = ["uid", "label", "class_name", "source", "caption", "url", "matched_text"]
     tables = [conform(t) for t in collected.tables]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else empty_table(base)

@@ -76,6 +76,14 @@ def test_multi_class_duplicate_emits_one_row_per_class(tmp_path, write_task, wri
     assert result.funnel["ambiguous"] == 1 and result.funnel["ambiguous_extra_rows"] == 1
 
 
+def test_a_file_whose_captions_are_all_null(tmp_path, write_task, write_laion):
+    write_laion([("n1", None), ("n2", None)], name="a.parquet")
+    meta = write_laion([("u1", "a 737"), ("u2", "")], name="b.parquet")
+    result = retrieve(task=write_task(TASK), metadata=[str(meta.parent)], out=tmp_path / "o")
+    assert manifest_rows(tmp_path / "o")["url"].tolist() == ["u1"]
+    assert result.funnel["rows_scanned"] == 4 and result.funnel["skipped_empty"] == 3
+
+
 def test_files_sorted_by_path_then_row_order_and_first_url_wins(tmp_path, write_task, write_laion):
     b = write_laion([("dup", "A320 second file"), ("b1", "737 b")], name="b.parquet")
     a = write_laion([("a1", "737 a"), ("dup", "A320 first file")], name="a.parquet")

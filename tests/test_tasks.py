@@ -68,6 +68,18 @@ def test_unknown_task_name():
         load_task("no-such-task")
 
 
+def test_a_folder_named_like_a_builtin_task_does_not_hide_it(tmp_path, monkeypatch, runner):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. `curate demo --out demo`
+    (tmp_path / "stanford-cars").write_text("only one class\n", encoding="utf-8")
+    assert len(load_task("demo").classes) == 5
+    with pytest.raises(CurateError, match="is a directory"):
+        load_task(tmp_path / "demo")
+    listed = runner.invoke(cli, ["tasks"])
+    assert listed.exit_code == 0, listed.output
+    assert "demo                5 classes" in listed.output and "stanford-cars     196 classes" in listed.output
+
+
 def test_cli_lists_and_shows_tasks(runner):
     listed = runner.invoke(cli, ["tasks"])
     assert listed.exit_code == 0

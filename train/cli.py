@@ -58,12 +58,12 @@ def cli(compile_: bool | None, no_resume: bool, **options) -> None:
     """
     from train.finetune import finetune_and_probe
 
-    configure_logging()
     result = finetune_and_probe(**options, compile="auto" if compile_ is None else compile_, resume=not no_resume)
     click.echo(result.summary())
 
 
 def main() -> None:
+    configure_logging()  # under `curate finetune-and-probe` the curate group has done this (with its -v)
     cli(prog_name="finetune-and-probe")
 
 

@@ -16,14 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_CLASSES = ("red circle", "green square", "blue triangle", "yellow star", "purple cross")
+from curate.tasks import ClassSpec, builtin_task
+
+DEMO_TASK = builtin_task("demo")  # its class names are what this module draws
+DEMO_CLASSES = tuple(DEMO_TASK.class_names)
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 205, 35),
     "purple": (140, 50, 180), "orange": (240, 140, 30), "cyan": (40, 200, 210), "pink": (240, 120, 180),
     "black": (20, 20, 20), "white": (245, 245, 245), "brown": (120, 75, 35), "gray": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")
 
 
 @dataclasses.dataclass
@@ -149,10 +151,11 @@ def _write_train_images(folder: Path, classes, per_class: int, size: int, source
 
 
 def _task_yaml(name: str, classes) -> str:
+    """The demo task's texts with this world's name and classes."""
     import yaml
 
-    data = {"name": name, "domain_text": ["a photo of a simple shape"], "templates": list(TEMPLATES), "classes": list(classes)}
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    task = dataclasses.replace(DEMO_TASK, name=name, classes=tuple(ClassSpec(c) for c in classes))
+    return yaml.safe_dump(task.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 def _polygon(cx, cy, radius, angle, corners, inner=None):

@@ -61,17 +61,24 @@ def builtin_task_names() -> list[str]:
     return sorted(path.stem for path in BUILTIN_DIR.glob("*.yaml"))
 
 
-def load_task(ref: str | Path) -> Task:
-    """Load a builtin task by name, or a task file (.yaml/.yml, or text: one class per line)."""
+def builtin_task(name: str) -> Task:
+    """A builtin task by name, whatever the working folder holds."""
+    return load_task(BUILTIN_DIR / f"{name}.yaml")
+
+
+def load_task(ref: str | Path | Task) -> Task:
+    """Load a builtin task by name, or a task file (.yaml/.yml, or text: one class per line); a Task is returned as it is."""
+    if isinstance(ref, Task):
+        return ref
     path = Path(ref)
-    if not path.exists():
-        builtin = BUILTIN_DIR / f"{ref}.yaml"
-        if not builtin.exists():
-            known = ", ".join(builtin_task_names())
-            raise CurateError(f"task '{ref}' is neither a file nor a builtin task ({known})")
-        path = builtin
-    if path.is_dir():
+    builtin = BUILTIN_DIR / f"{ref}.yaml"
+    if not path.is_file() and builtin.is_file():
+        path = builtin  # a folder named like a builtin task (e.g. an output folder) does not hide it
+    elif path.is_dir():
         raise CurateError(f"task file {path} is a directory")
+    elif not path.exists():
+        known = ", ".join(builtin_task_names())
+        raise CurateError(f"task '{ref}' is neither a file nor a builtin task ({known})")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
