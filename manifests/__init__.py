@@ -1,6 +1,7 @@
 """The manifest: schema, reading/writing, reports, uids and exporters (DESIGN §4)."""
 
 from manifests.io import (
+    manifest_dir,
     read_manifest,
     read_report,
     staged_output_dir,
@@ -8,15 +9,18 @@ from manifests.io import (
     write_manifest,
     write_report,
 )
-from manifests.schema import COLUMNS, REQUIRED_COLUMNS, SOURCES, conform, validate
+from manifests.schema import COLUMNS, IMAGE_COLUMNS, IMAGE_LOCATION_COLUMNS, REQUIRED_COLUMNS, SOURCES, conform, validate
 from manifests.uid import hashed_subset_rank, seeded_ranks, seeded_subset_per_class, uid_for_synthetic, uid_for_url
 
 __all__ = [
     "COLUMNS",
+    "IMAGE_COLUMNS",
+    "IMAGE_LOCATION_COLUMNS",
     "REQUIRED_COLUMNS",
     "SOURCES",
     "conform",
     "hashed_subset_rank",
+    "manifest_dir",
     "read_manifest",
     "read_report",
     "seeded_ranks",

@@ -24,6 +24,12 @@ REPORT_NAME = "report.json"
 _VERSIONED_PACKAGES = ("curate", "duckdb", "pyarrow", "hyperscan", "torch", "open_clip_torch", "img2dataset", "diffusers")
 
 
+def manifest_dir(path: str | os.PathLike) -> Path:
+    """The folder of a manifest given as its parquet file or as the folder holding manifest.parquet."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
 def read_manifest(path: str | os.PathLike) -> pa.Table:
     """Read and validate a manifest parquet file (or a folder holding manifest.parquet)."""
     path = Path(path)

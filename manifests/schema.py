@@ -51,6 +51,8 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
 }
 
 COLUMNS: dict[str, pa.DataType] = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}
+IMAGE_LOCATION_COLUMNS = ("image_path", "shard", "key")  # where a row's image is: a file, or a webdataset sample
+IMAGE_COLUMNS = (*IMAGE_LOCATION_COLUMNS, "sha256", "image_width", "image_height")  # what a download writes
 
 
 def conform(table: pa.Table) -> pa.Table:
