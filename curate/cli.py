@@ -6,7 +6,9 @@ import sys
 
 import click
 
+from curate.choices import DATA_FOLDERS, ENCODE_FORMATS, FILTER_MODES, RESIZE_MODES
 from curate.console import CONTEXT, Group, configure_logging
+from curate.models import DEFAULT_CLIP
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -111,11 +113,11 @@ def export(manifest: str, fmt: str, out: str, overwrite: bool) -> None:
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Download processes.")
 @click.option("--threads", type=click.IntRange(min=1), default=16, show_default=True, help="Download threads per process.")
 @click.option("--image-size", type=click.IntRange(min=1), default=256, show_default=True, help="Saved image size (px).")
-@click.option("--resize-mode", type=click.Choice(["border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"]),
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES),
               default="border", show_default=True, help="img2dataset resize mode.")
-@click.option("--encode-format", type=click.Choice(["jpg", "png", "webp"]), default="jpg", show_default=True,
+@click.option("--encode-format", type=click.Choice(ENCODE_FORMATS), default="jpg", show_default=True,
               help="Format the images are saved in.")
-@click.option("--output-format", type=click.Choice(["files", "webdataset"]), default="files", show_default=True,
+@click.option("--output-format", type=click.Choice(list(DATA_FOLDERS)), default="files", show_default=True,
               help="files: OUT/images/<shard>/<key>.jpg; webdataset: OUT/shards/<shard>.tar")
 @click.option("--samples-per-shard", "number_sample_per_shard", type=click.IntRange(min=1), default=10000,
               show_default=True, help="Rows per img2dataset shard (the unit of resuming).")
@@ -147,12 +149,12 @@ def download(**options) -> None:
 @click.option("--embeddings", type=click.Path(), default=None,
               help="clip-retrieval folder (img_emb/ + metadata/) of precomputed image embeddings; "
                    "default: read the manifest's images.")
-@click.option("--clip-model", default="ViT-B-16", show_default=True, help="open_clip architecture, model folder or tiny-clip.")
+@click.option("--clip-model", default=DEFAULT_CLIP[0], show_default=True, help="open_clip architecture, model folder or tiny-clip.")
 @click.option("--clip-pretrained", default=None,
-              help="open_clip tag or checkpoint path (default: laion2b_s34b_b88k for ViT-B-16, none for tiny-*).")
+              help=f"open_clip tag or checkpoint path (default: {DEFAULT_CLIP[1]} for {DEFAULT_CLIP[0]}, none for tiny-*).")
 @click.option("--threshold", type=float, default=0.2, show_default=True, help="Keep rows with score >= this, in [-1, 1].")
 @click.option("--percentile", type=float, default=None, help="Instead keep the top P% of each class (0 < P <= 100).")
-@click.option("--mode", type=click.Choice(["domain", "classname"]), default="domain", show_default=True,
+@click.option("--mode", type=click.Choice(FILTER_MODES), default="domain", show_default=True,
               help="Score against the task's domain texts (max) or the row's class text (templates averaged).")
 @click.option("--per-class-cap", type=int, default=None, help="Then keep at most N rows per class, best first.")
 @click.option("--decontaminate", "decontaminate", type=click.Path(), default=None,

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.errors import CurateError
+from curate.models import DEFAULT_CLIP
 from manifests.images import IMAGE_SUFFIXES, has_images, image_rows
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ PAIR_SCHEMA = pa.schema([
 
 @dataclasses.dataclass
 class DecontamResult:
-    """keep: mask over the input rows; pairs: one row per dropped training row and what it matched."""
+    """keep: mask over the input rows; pairs: one row per training row dropped as a duplicate, and what it
+    matched (rows dropped because their image could not be read have no pair; counts["unreadable"] has them)."""
 
     keep: np.ndarray
     pairs: pa.Table
@@ -69,7 +71,7 @@ def decontaminate(
     eval_dir: str | Path,
     *,
     bundle=None,
-    clip_model: str = "ViT-B-16",
+    clip_model: str = DEFAULT_CLIP[0],
     clip_pretrained: str | None = None,
     train_embeddings: np.ndarray | None = None,
     train_phash: np.ndarray | None = None,
@@ -107,11 +109,11 @@ def decontaminate(
             raise CurateError("decontamination needs the training images (image_path or shard/key) or their embeddings")
         rows = image_rows(table)
         train_embeddings, train_phash, unreadable = _embed(bundle, rows, Path(manifest_dir), True, reader, "train")
-    eval_rows = [{"image_path": str(path.resolve())} for path in eval_files]  # read from "/", so absolute
-    eval_emb, eval_phash, eval_bad = _embed(bundle, eval_rows, Path("/"), train_phash is not None, reader, "eval")
+    names = [str(path.relative_to(eval_dir)) for path in eval_files]
+    eval_rows = [{"uid": name, "image_path": name} for name in names]  # read errors name the eval file
+    eval_emb, eval_phash, eval_bad = _embed(bundle, eval_rows, Path(eval_dir), train_phash is not None, reader, "eval")
     if eval_bad.all():
         raise CurateError(f"none of the {len(eval_files)} eval images in {eval_dir} could be read")
-    names = [str(path.relative_to(eval_dir)) for path in eval_files]
     finder = _Finder(table, ~unreadable, names, phash_distance, cosine_threshold)
     good_eval = ~eval_bad
     if train_phash is not None:
@@ -155,14 +157,16 @@ def _embed(bundle, rows, base_dir: Path, with_phash: bool, reader: dict, what: s
     embeddings = np.zeros((len(rows), dim), dtype=np.float32)
     digests = np.zeros((len(rows), 8), dtype=np.uint8)
     bad = np.zeros(len(rows), dtype=bool)
+    first_error = ""
     dataset = ImageRows(rows, base_dir, bundle.preprocess_val, bundle.image_size, with_phash)
     for indices, feats, batch_digests, errors, ok in iter_image_embeddings(bundle, dataset, desc=f"{what} images", **reader):
         bad[indices[~ok]] = True
+        first_error = first_error or next((e for e in errors if e), "")
         if feats is not None:
             embeddings[indices[ok]] = feats[ok]
             digests[indices[ok]] = batch_digests[ok]
     if bad.any():
-        log.warning("decontamination: %d %s image(s) could not be read", int(bad.sum()), what)
+        log.warning("decontamination: %d %s image(s) could not be read (first: %s)", int(bad.sum()), what, first_error)
     return embeddings, (digests if with_phash else None), bad
 
 
@@ -204,7 +208,8 @@ class _FlatIP:
     """Exact inner-product search with faiss' IndexFlatIP interface (add, ntotal, search k=1,
     range_search), computed as blocked torch matmuls over the stored parts."""
 
-    PART = 8192
+    PART = 8192  # stored vectors per part
+    QUERIES = 4096  # queries per step of `search`
 
     def __init__(self, dim: int):
         self.dim, self.parts, self.ntotal = dim, [], 0
@@ -217,19 +222,24 @@ class _FlatIP:
         self.ntotal += len(vectors)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Best inner product and its id per query (k must be 1); id -1 when empty."""
+        """Best inner product and its id per query (k must be 1); id -1 when empty. Works through at most
+        QUERIES queries at a time, so the (queries x part) similarity temporary stays small (128 MiB)."""
         import torch
 
         assert k == 1
         best = torch.full((len(queries),), -np.inf)
         ids = torch.full((len(queries),), -1, dtype=torch.long)
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-        offset = 0
-        for part in self.parts:
-            values, where = (q @ part.T).max(dim=1)
-            better = values > best
-            best[better], ids[better] = values[better], where[better] + offset
-            offset += len(part)
+        slices = max(1, -(-len(q) // self.QUERIES))
+        step = max(1, -(-len(q) // slices))  # equal slices: no thin tail, which BLAS would sum in another order
+        for start in range(0, len(q), step):
+            block, offset = q[start:start + step], 0
+            block_best, block_ids = best[start:start + step], ids[start:start + step]  # views into best, ids
+            for part in self.parts:
+                values, where = (block @ part.T).max(dim=1)
+                better = values > block_best
+                block_best[better], block_ids[better] = values[better], where[better] + offset
+                offset += len(part)
         return best.numpy()[:, None], ids.numpy()[:, None]
 
     def range_search(self, queries: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

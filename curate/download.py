@@ -33,18 +33,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.choices import DATA_FOLDERS, ENCODE_FORMATS, RESIZE_MODES
 from curate.errors import CurateError
-from manifests.io import MANIFEST_NAME, atomic_write, read_manifest, read_report, write_json, write_manifest, write_report
+from manifests.io import (
+    MANIFEST_NAME,
+    atomic_write,
+    manifest_dir,
+    read_manifest,
+    read_report,
+    write_json,
+    write_manifest,
+    write_report,
+)
+from manifests.schema import IMAGE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-DATA_FOLDERS = {"files": "images", "webdataset": "shards"}  # output format -> img2dataset's folder in OUT
-RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
-ENCODE_FORMATS = ("jpg", "png", "webp")
 INPUT_NAME = "img2dataset_input.parquet"
 STATE_NAME = "download_state.json"
 FAILED_NAME = "failed.parquet"
-IMAGE_COLUMNS = ("image_path", "shard", "key", "sha256", "image_width", "image_height")
 _RESULT_COLUMNS = ["uid", "key", "status", "error_message", "width", "height", "sha256"]
 _ROW = "__row"
 _PARAMETER = {"processes_count": "processes", "thread_count": "threads"}  # img2dataset name -> ours
@@ -379,7 +386,7 @@ def _throughput(data_dir: Path, fetched_shards: list[str], timing: dict[str, flo
 
 def _input_task(manifest: Path) -> Any:
     with contextlib.suppress(OSError, ValueError):
-        return read_report(manifest if manifest.is_dir() else manifest.parent).get("task")
+        return read_report(manifest_dir(manifest)).get("task")
     return None
 
 

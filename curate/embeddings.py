@@ -85,9 +85,9 @@ def iter_image_embeddings(bundle, dataset: ImageRows, *, batch_size: int, worker
 
 
 # ---------------------------------------------------------------- reader 2: precomputed embeddings
-def embedding_shards(emb_dir: Path) -> list[tuple[Path, Path, int]]:
-    """(npy, metadata parquet, rows) of each shard of a clip-retrieval folder, in shard order; checks
-    that every shard has both files and that their row counts agree."""
+def embedding_shards(emb_dir: Path) -> list[tuple[Path, Path, int, int]]:
+    """(npy, metadata parquet, rows, embedding width) of each shard of a clip-retrieval folder, in shard
+    order; checks that every shard has both files and that their row counts agree."""
     import pyarrow.parquet as pq
 
     npys = _numbered(emb_dir / "img_emb", "img_emb_", ".npy")
@@ -101,12 +101,12 @@ def embedding_shards(emb_dir: Path) -> list[tuple[Path, Path, int]]:
         raise CurateError(f"embeddings shard {number}: {emb_dir / have} has no matching {lack}")
     shards = []
     for number in sorted(metas):
-        rows = _npy_shape(npys[number])[0]
+        rows, width = _npy_shape(npys[number])
         meta_rows = pq.ParquetFile(metas[number]).metadata.num_rows
         if rows != meta_rows:
             raise CurateError(f"embeddings shard {number}: {npys[number]} has {rows} rows but "
                               f"{metas[number]} has {meta_rows}; the shards are misaligned")
-        shards.append((npys[number], metas[number], rows))
+        shards.append((npys[number], metas[number], rows, width))
     return shards
 
 
@@ -171,11 +171,9 @@ class _KeyIndex:
         self.hashed = self.by_hash.is_unique
 
     def _hash(self, values: pa.Array) -> np.ndarray:
-        self._db.register("_keys", pa.table({"k": values}))
-        try:
-            return self._db.execute("SELECT hash(k) AS h FROM _keys").fetchnumpy()["h"].astype(np.uint64, copy=False)
-        finally:
-            self._db.unregister("_keys")
+        with self._db.cursor() as db:  # a connection of its own, so calls from several threads never share one
+            db.register("_keys", pa.table({"k": values}))
+            return db.execute("SELECT hash(k) AS h FROM _keys").fetchnumpy()["h"].astype(np.uint64, copy=False)
 
     def _key_ids(self, meta_keys: pa.Array) -> np.ndarray:
         """Key id of each metadata row, -1 where the manifest does not hold its key."""
@@ -191,7 +189,8 @@ class _KeyIndex:
         return ids
 
     def key_ids(self, meta_keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        """Key id of each metadata row, -1 where the manifest does not hold its key (thread-safe: pure)."""
+        """Key id of each metadata row, -1 where the manifest does not hold its key (thread-safe: reads the
+        index only, and hashes on a DuckDB cursor of its own)."""
         if isinstance(meta_keys, pa.ChunkedArray):
             meta_keys = meta_keys.combine_chunks()
         if meta_keys.type != self.unique.type:
@@ -231,8 +230,7 @@ def iter_precomputed(table: pa.Table, emb_dir: Path, dim: int, model_name: str) 
     from tqdm import tqdm
 
     shards = embedding_shards(emb_dir)
-    for npy, _, _ in shards:
-        width = _npy_shape(npy)[1]
+    for npy, _, _, width in shards:
         if width != dim:
             raise CurateError(f"embeddings {npy} have dimension {width} but model '{model_name}' embeds to {dim}; "
                               "use the model the embeddings were computed with")
@@ -241,7 +239,7 @@ def iter_precomputed(table: pa.Table, emb_dir: Path, dim: int, model_name: str) 
     bar = tqdm(total=sum(s[2] for s in shards), unit="row", unit_scale=True, desc="clip score", leave=False)
     with bar, ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_shard_key_ids, index, shards[0][1], meta_col)
-        for number, (npy, _, rows) in enumerate(shards):
+        for number, (npy, _, rows, _) in enumerate(shards):
             key_ids = pending.result()
             if number + 1 < len(shards):
                 pending = pool.submit(_shard_key_ids, index, shards[number + 1][1], meta_col)

@@ -25,13 +25,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.errors import CurateError
+from curate.choices import FILTER_MODES
 from curate.embeddings import ImageRows, iter_image_embeddings, iter_precomputed
+from curate.errors import CurateError
+from curate.models import DEFAULT_CLIP
 from manifests.images import has_images, image_rows, rebase_images
+from manifests.uid import seeded_ranks
 
 log = logging.getLogger(__name__)
 
-MODES = ("domain", "classname")
 HIST_BINS = 40
 MAX_LISTED_UNREADABLE = 1000
 
@@ -73,7 +75,7 @@ def filter_images(
     manifest: str | Path,
     out: str | Path,
     *,
-    clip_model: str = "ViT-B-16",
+    clip_model: str = DEFAULT_CLIP[0],
     clip_pretrained: str | None = None,
     mode: str = "domain",
     threshold: float = 0.2,
@@ -106,13 +108,14 @@ def filter_images(
     """
     from curate.models import load_clip, resolve_device, resolve_pretrained
     from curate.tasks import load_task
+    from manifests.io import manifest_dir as folder_of
     from manifests.io import read_manifest, staged_output_dir
 
     _check_options(mode, threshold, percentile, per_class_cap, batch_size, workers)
     started = time.perf_counter()
     task_obj = load_task(task)
     table = read_manifest(manifest)
-    manifest_dir = Path(manifest) if Path(manifest).is_dir() else Path(manifest).parent
+    manifest_dir = folder_of(manifest)
     _check_labels(table, task_obj)
     if embeddings is None:
         _check_image_columns(table)
@@ -139,7 +142,7 @@ def filter_images(
             decon = _run_decontamination(table, manifest_dir, decontaminate, scored, selection, bundle,
                                          dict(phash_distance=phash_distance, cosine_threshold=cosine_threshold,
                                               batch_size=batch_size, workers=workers, device=device))
-        kept = _apply_cap(selection, scored.scores, per_class_cap)
+        kept = cap_per_class(selection.keep, scored.scores, selection.labels, selection.tiebreak, per_class_cap)
         settings = dict(task=task_obj, model=(clip_model, pretrained), device=device, mode=mode, texts=texts,
                         threshold=threshold, percentile=percentile, per_class_cap=per_class_cap, seed=seed,
                         embeddings=embeddings, decontaminate=decontaminate, started=started)
@@ -151,8 +154,8 @@ def filter_images(
 
 # ---------------------------------------------------------------- options and inputs
 def _check_options(mode, threshold, percentile, per_class_cap, batch_size, workers) -> None:
-    if mode not in MODES:
-        raise CurateError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+    if mode not in FILTER_MODES:
+        raise CurateError(f"mode must be one of {', '.join(FILTER_MODES)}, got '{mode}'")
     if threshold is None or not -1.0 <= float(threshold) <= 1.0:
         raise CurateError(f"threshold must be in [-1, 1], got {threshold}")
     if percentile is not None and not 0.0 < float(percentile) <= 100.0:
@@ -284,16 +287,9 @@ def _select(table, scored: _Scored, threshold, percentile, per_class_cap, seed) 
     labels = table.column("label").to_numpy()
     tiebreak = None
     if percentile is not None or per_class_cap is not None:
-        tiebreak = uid_tiebreak(table.column("uid").to_pylist(), seed)
+        tiebreak = seeded_ranks(table.column("uid").to_pylist(), seed)  # breaks score ties, the same every run
     keep = select_by_score(scored.scores, labels, tiebreak, threshold=threshold, percentile=percentile)
     return _Selection(keep=keep, labels=labels, tiebreak=tiebreak)
-
-
-def uid_tiebreak(uids: list[str], seed: int) -> np.ndarray:
-    """A seeded hash rank per uid: breaks score ties, the same on every run."""
-    from manifests.uid import seeded_ranks
-
-    return seeded_ranks(uids, seed)
 
 
 def rank_within_class(candidates: np.ndarray, scores, labels, tiebreak) -> tuple[np.ndarray, np.ndarray]:
@@ -329,10 +325,6 @@ def cap_per_class(keep: np.ndarray, scores, labels, tiebreak, cap: int | None) -
     return capped
 
 
-def _apply_cap(selection: _Selection, scores, cap) -> np.ndarray:
-    return cap_per_class(selection.keep, scores, selection.labels, selection.tiebreak, cap)
-
-
 # ---------------------------------------------------------------- decontamination
 def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selection: _Selection, bundle, options):
     """Decontaminate the rows passing the score rule; clears `selection.keep` for the dropped ones."""
@@ -359,7 +351,7 @@ def _write_outputs(stage: Path, table, scored: _Scored, selection: _Selection, k
     if decon is not None:
         decon.write(stage / "decontamination.parquet")
     report = _report(table, scored, selection, kept, decon, settings)
-    _plot_histogram(stage / "score_hist.png", scored.scores, kept, report)
+    _plot_histogram(stage / "score_hist.png", report)
     return write_report(stage, report)
 
 
@@ -461,7 +453,7 @@ def _unreadable_rows(table, unreadable: dict[int, str]) -> list[dict[str, str]]:
     return [{**row, "error": unreadable[i]} for i, row in zip(listed, sub)]
 
 
-def _plot_histogram(path: Path, scores: np.ndarray, kept: np.ndarray, report: dict) -> None:
+def _plot_histogram(path: Path, report: dict) -> None:
     """Stacked histogram of scores, kept vs dropped, with the threshold marked (threshold rule)."""
     import matplotlib
 

@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from manifests.images import iter_images, safe_name
-from manifests.io import read_manifest, staged_output_dir, write_report
+from manifests.io import manifest_dir, read_manifest, staged_output_dir, write_report
+from manifests.schema import IMAGE_LOCATION_COLUMNS
 
 Exporter = Callable[[pa.Table, Path, Path], list[str]]
 IMG2DATASET_FILE = "img2dataset_input.parquet"
 SAMPLES_PER_TAR = 10_000
 CLASSES_FILE = "classes.txt"
-_LOCATION_COLUMNS = ("image_path", "shard", "key")
 
 
 def export_img2dataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
@@ -65,7 +65,7 @@ def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[st
     with wds.ShardWriter(pattern, maxcount=SAMPLES_PER_TAR, verbose=0) as sink:
         for row, data, ext in iter_images(table, manifest_dir):
             key = _unique(safe_name(str(row["uid"]).replace(".", "_")), keys, row)
-            meta = {k: v for k, v in row.items() if k not in ("label", "caption", *_LOCATION_COLUMNS)}
+            meta = {k: v for k, v in row.items() if k not in ("label", "caption", *IMAGE_LOCATION_COLUMNS)}
             sample = {"__key__": key, ext: data, "cls": row["label"], "txt": row["caption"] or ""}
             sink.write({**sample, "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")})
     return sorted(path.name for path in out.glob("shard-*.tar"))
@@ -125,8 +125,7 @@ def export_manifest(manifest: str | Path, fmt: str, out: str | Path, overwrite: 
         raise CurateError(f"unknown export format '{fmt}'; choose one of {', '.join(sorted(EXPORTERS))}")
     manifest = Path(manifest)
     table = read_manifest(manifest)
-    manifest_dir = manifest if manifest.is_dir() else manifest.parent
     with staged_output_dir(out, overwrite=overwrite) as staging:
-        files = EXPORTERS[fmt](table, manifest_dir, staging)
+        files = EXPORTERS[fmt](table, manifest_dir(manifest), staging)
         write_report(staging, {"stage": "export", "format": fmt, "manifest": str(manifest), "rows": table.num_rows, "files": files})
     return f"exported {table.num_rows} rows as {fmt} to {out}: {', '.join(files)}"

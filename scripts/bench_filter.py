@@ -1,15 +1,19 @@
 """Benchmark `curate filter`.
 
 (a) Precomputed embeddings (clip-retrieval layout, fp16, several shards, urls in the metadata;
-    the manifest holds a subset of those urls):
-    * `core-512`: the streaming path (`_score_precomputed`: url join, mmap gather, scoring) with
-      ViT-B-16-sized 512-d embeddings and 2 domain texts, no model;
+    the manifest holds a subset of those urls plus 1 % urls that were never embedded):
+    * `core-512`: the streaming path (`iter_precomputed` + `score_embeddings`: url join, mmap gather,
+      scoring) with ViT-B-16-sized 512-d embeddings and 2 domain texts, no model;
     * `filter-32`: the whole `filter_images(..., embeddings=DIR)` with tiny-clip (its embeddings are 32-d),
       including manifest read/write, report and plot;
-    * peak memory of `core-512` at two embedding counts with the same manifest size (flat = it does not
-      grow with the number of embeddings), each in a fresh process.
+    * (a') peak memory of `core-512` at two embedding counts with the same manifest size (flat = it does
+      not grow with the number of embeddings), each in a fresh process: peak RSS (VmHWM, mapped file
+      pages included) and peak anonymous RSS (RssAnon, sampled).
 (b) The image path with tiny-clip on CPU: the DataLoader alone (decode + preprocess), the model forward
-    alone (preprocessed tensors), and the whole `filter_images`.
+    alone (preprocessed tensors), the whole `filter_images`, and (--vit-b16 N) the ViT-B-16 forward alone.
+(c) Decontamination's four searches on random 512-d embeddings and 64-bit phashes: training rows
+    against eval images by phash (faiss multi-index hashing) and by CLIP (exact inner product, blocked
+    torch matmuls), then the greedy in-train dedup by phash and by CLIP.
 
 Example:
   python scripts/bench_filter.py --rows 2000000 --memory-sizes 1000000,4000000 --images 512
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,8 +68,9 @@ def write_embeddings(folder: Path, rows: int, dim: int, shard_rows: int) -> Path
     return folder
 
 
-def write_candidates(path: Path, rows: int, candidates: int) -> Path:
-    """A manifest of `candidates` urls drawn from the `rows` embedded ones (plus 1 % never embedded)."""
+def write_candidates(path: Path, rows: int, candidates: int) -> tuple[Path, int]:
+    """A manifest of `candidates` urls drawn from the `rows` embedded ones plus 1 % never embedded;
+    returns (its path, its row count)."""
     from manifests.io import write_manifest
 
     rng = np.random.default_rng(1)
@@ -84,7 +88,7 @@ def write_candidates(path: Path, rows: int, candidates: int) -> Path:
         "url": urls,
     })
     write_manifest(table, path)
-    return path
+    return path, n
 
 
 def write_task(folder: Path) -> Path:
@@ -103,14 +107,19 @@ def _text(dim: int, count: int = 2) -> np.ndarray:
 
 
 def time_core(emb_dir: Path, manifest: Path, dim: int) -> float:
-    from curate.filter import _score_precomputed
+    """The filter's scoring of precomputed embeddings (domain mode), without model, report or output."""
+    from curate.embeddings import iter_precomputed
+    from curate.filter import score_embeddings
     from manifests.io import read_manifest
 
     table = read_manifest(manifest)
+    text = _text(dim)
     started = time.perf_counter()
-    scored = _score_precomputed(table, emb_dir, _text(dim), None, False, "bench")
+    scores = np.full(table.num_rows, np.nan, dtype=np.float32)
+    for rows, feats in iter_precomputed(table, emb_dir, dim, "bench"):
+        scores[rows] = score_embeddings(feats, text)
     seconds = time.perf_counter() - started
-    assert np.isnan(scored.scores).sum() == scored.missing.sum() > 0
+    assert np.isnan(scores).sum() > 0  # the never-embedded rows
     return seconds
 
 
@@ -123,10 +132,11 @@ def time_filter(task: Path, emb_dir: Path, manifest: Path, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def _rss_anon_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmHWM, RssAnon, ...) in KiB; 0 when absent."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return 0
 
@@ -138,7 +148,7 @@ def memory_child(emb_dir: str, manifest: str, dim: int) -> None:
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_anon_kib())
+            peak[0] = max(peak[0], _status_kib("RssAnon"))
             time.sleep(0.02)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -146,15 +156,14 @@ def memory_child(emb_dir: str, manifest: str, dim: int) -> None:
     seconds = time_core(Path(emb_dir), Path(manifest), dim)
     done.set()
     thread.join()
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": maxrss / 1024, "peak_anon_mib": peak[0] / 1024}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so this child would report its parent's peak
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": _status_kib("VmHWM") / 1024, "peak_anon_mib": peak[0] / 1024}))
 
 
 def bench_embeddings(args, work: Path) -> list[tuple]:
     rows = []
-    cand = args.rows // 2
     emb512 = write_embeddings(work / "emb512", args.rows, 512, args.shard_rows)
-    manifest = write_candidates(work / "cand" / "manifest.parquet", args.rows, cand)
+    manifest, cand = write_candidates(work / "cand" / "manifest.parquet", args.rows, args.rows // 2)
     core = [time_core(emb512, manifest, 512) for _ in range(args.repeats)]
     rows.append(("core-512 (fp16, 2 texts)", args.rows, cand, statistics.median(core)))
     emb32 = write_embeddings(work / "emb32", args.rows, 32, args.shard_rows)
@@ -170,12 +179,12 @@ def bench_memory(args, work: Path) -> list[tuple]:
     results = []
     for size in args.memory_sizes:
         emb = write_embeddings(work / f"mem{size}", size, 512, args.shard_rows)
-        manifest = write_candidates(work / f"mem{size}-cand" / "manifest.parquet", size, args.memory_candidates)
+        manifest, cand = write_candidates(work / f"mem{size}-cand" / "manifest.parquet", size, args.memory_candidates)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         child = subprocess.run([sys.executable, __file__, "--memory-child", str(emb), str(manifest)],
                                capture_output=True, text=True, env=env, check=True)
         stats = json.loads(child.stdout.strip().splitlines()[-1])
-        results.append((size, args.memory_candidates, stats))
+        results.append((size, cand, stats))
         _rmtree(emb)
     return results
 
@@ -235,7 +244,8 @@ def _vit_b16_forward(count: int) -> tuple:
 
 # ---------------------------------------------------------------- (c) decontamination search
 def bench_decontamination(rows: int, evals: int) -> list[tuple]:
-    """The faiss searches of decontamination on random 512-d embeddings and random 64-bit phashes."""
+    """Decontamination's searches on random 512-d embeddings and random 64-bit phashes: phash by faiss'
+    multi-index hashing, CLIP by the exact inner-product search in blocked torch matmuls (`_FlatIP`)."""
     from curate.decontaminate import _Finder
 
     rng = np.random.default_rng(3)

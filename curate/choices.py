@@ -1,0 +1,7 @@
+"""The choice lists of stage options, in one place light enough for the CLI to import at start-up (no pyarrow,
+numpy or torch): the stages check their arguments against them, the CLI offers them as click choices."""
+
+DATA_FOLDERS = {"files": "images", "webdataset": "shards"}  # download output format -> img2dataset's folder in OUT
+RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")  # img2dataset's resize modes
+ENCODE_FORMATS = ("jpg", "png", "webp")  # formats a download saves images in
+FILTER_MODES = ("domain", "classname")  # what `curate filter` scores a row against
