@@ -104,11 +104,11 @@ def _download(out: Path, manifest: Path, echo) -> Path:
 
 
 def _eval_folder(out: Path, task: Task, echo) -> Path:
-    from train.synthetic_world import write_eval_folder
+    from train.demo import demo_eval_folder
 
-    folder = write_eval_folder(out / "eval", task.class_names, per_class=12, seed=1)
+    folder = demo_eval_folder(out, task.class_names)
     echo(f"      eval data: drawn shapes in {folder}/{{train,val,test}}/<class>/")
-    return Path(folder)
+    return folder
 
 
 def _filter(out: Path, manifest: Path, eval_dir: Path, echo) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,11 @@ def builtin_model_names() -> list[str]:
     return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
 
 
-def load_clip(name: str = DEFAULT_CLIP[0], pretrained: str | None = DEFAULT_CLIP[1], device: str = "cpu") -> ClipBundle:
-    """Build an open_clip model from a name and a pretrained tag, checkpoint path or nothing."""
+def load_clip(name: str, pretrained: str | None, device: str = "cpu") -> ClipBundle:
+    """Build an open_clip model from `name` (architecture, model folder or builtin) and `pretrained`: an
+    open_clip tag, a checkpoint path, or None / '' for seeded random weights (a model folder brings its own).
+    `resolve_pretrained(name, None)` gives the registry's default tag. CurateError if it cannot be built;
+    a checkpoint written for another architecture is reported as not fitting the model."""
     open_clip = _open_clip()
     arch, tag = _resolve(name, pretrained)
     if arch not in open_clip.list_models() and not arch.startswith("local-dir:"):
@@ -60,23 +64,14 @@ def load_clip(name: str = DEFAULT_CLIP[0], pretrained: str | None = DEFAULT_CLIP
         torch.manual_seed(BUILTIN_SEED)  # builtin random weights are the same on every run
     try:
         model, train_tf, val_tf = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)
-    except RuntimeError as exc:
-        raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': {_first_line(exc)}") from None
-    except (OSError, ValueError) as exc:
-        raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': {_first_line(exc)}") from None
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:  # UnpicklingError: not a checkpoint at all
+        # torch's Module.load_state_dict raises a plain RuntimeError on missing / unexpected / mis-shaped keys
+        if tag and Path(tag).is_file() and "Error(s) in loading state_dict" in str(exc):
+            raise CurateError(f"checkpoint {pretrained} does not fit model '{name}' (another architecture?)") from None
+        raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': {first_line(exc)}") from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     return ClipBundle(model, train_tf, val_tf, tokenizer, name=name, pretrained=pretrained)
-
-
-def save_clip_checkpoint(bundle: ClipBundle, path: str | Path) -> Path:
-    """Save weights in the layout open_clip's `pretrained=PATH` loads back."""
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": bundle.model.state_dict(), "name": bundle.name}, path)
-    return path
 
 
 def text_classifier(bundle: ClipBundle, class_names: list[str], templates: list[str], device: str = "cpu"):
@@ -148,6 +143,12 @@ def encode_images(bundle: ClipBundle, images, device: str = "cpu"):
     return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
     """Map (name, pretrained) to open_clip's (architecture, pretrained) arguments."""
     _register_builtin_configs()
@@ -179,8 +180,3 @@ def _open_clip():
     except ImportError:
         raise CurateError("open_clip is not installed: pip install open_clip_torch") from None
     return open_clip
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

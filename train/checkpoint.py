@@ -3,8 +3,9 @@
 Every checkpoint is a dict that `curate.models.load_clip(name, path)` (open_clip's loader) reads
 as is: `state_dict` (the whole CLIP model, text tower included) and `name`; it adds `head` (the
 classification head), `classes` (the eval task's class names) and `epoch`. The resume checkpoint
-(`checkpoints/last.pt`) also holds the optimizer, grad scaler and step. Files are written to a
-temp name and renamed, so a kill never leaves a half-written checkpoint.
+(`checkpoints/last.pt`) also holds `trainer` (optimizer, grad scaler, step, micro-batch count),
+`best` (the best epoch so far and its val score) and `train_seconds` / `train_images`. Files are
+written to a temp name and renamed, so a kill never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ from typing import Any
 import torch
 
 from curate.errors import CurateError
+from curate.models import first_line
 from manifests.io import atomic_write
 
 log = logging.getLogger(__name__)
+
+
+class WrongModelError(CurateError):
+    """A checkpoint written for another model name than the one asked for."""
 
 
 def save_checkpoint(path: Path, bundle, classifier, classes: list[str], epoch: int, extra: dict[str, Any] | None = None) -> Path:
@@ -43,19 +49,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CurateError(f"cannot read checkpoint {path}: {first}") from None
+        raise CurateError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise CurateError(f"checkpoint {path} is not a state dict")
     return data
 
 
 def check_architecture(path: str | Path, model: str) -> dict[str, Any]:
-    """The checkpoint's metadata; CurateError if it was written for another model name."""
+    """The checkpoint's metadata; WrongModelError if it was written for another model name."""
     data = read_checkpoint(path)
     written_for = data.get("name")
     if written_for and written_for != model:
-        raise CurateError(f"checkpoint {path} is for model '{written_for}', not '{model}' (pass --model {written_for})")
+        raise WrongModelError(f"checkpoint {path} is for model '{written_for}', not '{model}' (pass --model {written_for})")
     return data
 
 

@@ -7,12 +7,13 @@ import sys
 import click
 
 from curate.console import CONTEXT, Command, configure_logging
+from train.finetune import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY
 
 
 @click.command("finetune-and-probe", cls=Command, context_settings=CONTEXT)
 @click.option("--train", "-t", "train", multiple=True, type=click.Path(), help="Train manifest (or its folder); repeatable.")
 @click.option("--mix", default=None, help="Mixing weights, one per --train manifest, e.g. 0.9,0.1.")
-@click.option("--mix-mode", type=click.Choice(["data", "loss"]), default="data", show_default=True,
+@click.option("--mix-mode", type=click.Choice(MIX_MODES), default="data", show_default=True,
               help="data: one stream sampled by weight (MixData); loss: per-source batches, summed losses (MixLoss).")
 @click.option("--eval-task", required=True, help="Builtin task name or task file: class names and templates.")
 @click.option("--eval-data", required=True, type=click.Path(), help="ImageFolder root: {train,val,test}/<class name>/*.")
@@ -31,16 +32,16 @@ from curate.console import CONTEXT, Command, configure_logging
 @click.option("--init-from", type=click.Path(), default=None, help="Start from a checkpoint of an earlier run (RealTune).")
 @click.option("--train-fraction", type=float, default=1.0, show_default=True, help="Keep this fraction of every class.")
 @click.option("--eval-only", is_flag=True, help="Evaluate the model without training.")
-@click.option("--select-by", type=click.Choice(["linear_probe", "head", "zero_shot"]), default="linear_probe",
+@click.option("--select-by", type=click.Choice(list(SELECT_BY)), default="linear_probe",
               show_default=True, help="Val metric that picks the best epoch.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader processes.")
 @click.option("--accum-steps", type=click.IntRange(min=1), default=None, help="Micro-batches per step (default: auto).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model (default: on CUDA).")
-@click.option("--keep-checkpoints", type=click.Choice(["last", "all"]), default="last", show_default=True,
+@click.option("--keep-checkpoints", type=click.Choice(KEEP_CHECKPOINTS), default="last", show_default=True,
               help="last: best.pt + last.pt; all: also epoch_K.pt for every epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--no-resume", is_flag=True, help="Refuse to continue an interrupted run in --out.")

@@ -21,14 +21,14 @@ import numpy as np
 import pyarrow as pa
 
 from curate.errors import CurateError
-from manifests.images import IMAGE_SUFFIXES, open_image, safe_name
-from manifests.io import read_manifest
+from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest, read_report
+from manifests.images import IMAGE_SUFFIXES, has_images, open_image, safe_name
 from manifests.uid import seeded_subset_per_class
+from train.finetune import MIX_MODES
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MIX_MODES = ("data", "loss")
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ class ManifestDataset:
     """(image tensor, label, source index) for the rows of one TrainSource."""
 
     def __init__(self, source: TrainSource, transform, source_index: int = 0):
-        columns = [c for c in ("uid", "image_path", "shard", "key") if c in source.table.column_names]
+        columns = [c for c in ("uid", *IMAGE_LOCATION_COLUMNS) if c in source.table.column_names]
         self.rows = source.table.select(columns).to_pylist()
         self.labels = source.labels
         self.manifest_dir = source.manifest_dir
@@ -77,14 +77,12 @@ class ImageListDataset:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                return self.transform(image.convert("RGB")), label
-        except OSError as exc:
+            image = open_image({"uid": path.name, "image_path": path.name}, path.parent)
+        except CurateError as exc:
             raise CurateError(f"cannot read eval image {path}: {exc}") from None
+        return self.transform(image), label
 
 
 def one_line_error(exc: CurateError) -> CurateError:
@@ -107,15 +105,14 @@ def load_train_sources(paths: list[str | Path], class_names: list[str], fraction
 
 def _load_source(path: Path, class_names: list[str], fraction: float, seed: int) -> TrainSource:
     table = read_manifest(path)
-    manifest_dir = path if path.is_dir() else path.parent
+    folder = manifest_dir(path)
     if table.num_rows == 0:
         raise CurateError(f"train manifest {path} is empty")
-    if "image_path" not in table.column_names and not {"shard", "key"} <= set(table.column_names):
+    if not has_images(table):
         raise CurateError(f"train manifest {path} has no images (no image_path, no shard/key): run curate download first")
     labels = map_labels(table, class_names, where=f"train manifest {path}")
     keep = stratified_fraction(table.column("uid").to_pylist(), labels, fraction, seed)
-    provenance = _provenance(manifest_dir)
-    return TrainSource(path, manifest_dir, table.take(pa.array(keep)), labels[keep], table.num_rows, provenance)
+    return TrainSource(path, folder, table.take(pa.array(keep)), labels[keep], table.num_rows, _provenance(folder))
 
 
 def map_labels(table: pa.Table, class_names: list[str], where: str) -> np.ndarray:
@@ -143,15 +140,10 @@ def stratified_fraction(uids: list[str], labels: np.ndarray, fraction: float, se
     return np.flatnonzero(seeded_subset_per_class(uids, labels, seed, lambda n: max(1, round(fraction * n))))
 
 
-def _provenance(manifest_dir: Path) -> dict[str, Any]:
-    """The parts of the manifest's report.json that say where its rows came from."""
-    import json
-
-    path = manifest_dir / "report.json"
-    if not path.exists():
-        return {}
+def _provenance(folder: Path) -> dict[str, Any]:
+    """The parts of the manifest's report.json that say where its rows came from ({} without a readable one)."""
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = read_report(folder)
     except (OSError, ValueError):
         return {}
     wanted = ("stage", "task", "command", "seed", "seeds", "threshold", "thresholds", "counts", "rows", "generator")
@@ -159,11 +151,6 @@ def _provenance(manifest_dir: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- eval ImageFolder
-def class_folder_name(name: str) -> str:
-    """The file-system-safe folder name of a class (what the ImageFolder exporter writes)."""
-    return safe_name(name)
-
-
 def scan_eval_folder(root: str | Path, class_names: list[str], splits: tuple[str, ...] = SPLITS) -> dict[str, list[tuple[Path, int]]]:
     """(image path, label) lists per split of `root/{split}/<class name>/*`; CurateError on any mismatch."""
     root = Path(root)
@@ -175,7 +162,7 @@ def scan_eval_folder(root: str | Path, class_names: list[str], splits: tuple[str
     lookup = {}
     for label, name in enumerate(class_names):
         lookup[name.casefold()] = label
-        lookup.setdefault(class_folder_name(name).casefold(), label)
+        lookup.setdefault(safe_name(name).casefold(), label)  # the ImageFolder exporter's folder name
     return {split: _scan_split(root / split, lookup) for split in splits}
 
 

@@ -9,6 +9,11 @@ from train.finetune import FinetuneResult, finetune_and_probe
 from train.synthetic_world import write_eval_folder
 
 
+def demo_eval_folder(out: str | Path, class_names: list[str], per_class: int = 12) -> Path:
+    """OUT/eval: an ImageFolder (train/val/test) of drawn shapes for the demo's classes."""
+    return Path(write_eval_folder(Path(out) / "eval", class_names, per_class=per_class, seed=1))
+
+
 def demo_finetune(
     manifests: list[str | Path],
     out: str | Path,
@@ -29,7 +34,7 @@ def demo_finetune(
     out = Path(out)
     task = load_task(eval_task)
     if eval_data is None:
-        eval_data = write_eval_folder(out / "eval", task.class_names, per_class=eval_per_class, seed=1)
+        eval_data = demo_eval_folder(out, task.class_names, per_class=eval_per_class)
     echo(f"finetune-and-probe --train {' '.join(map(str, manifests))} --eval-task {eval_task} --eval-data {eval_data} "
          f"--model tiny-clip --epochs {epochs} --out {out / 'finetune'}")
     result = finetune_and_probe(

@@ -10,15 +10,13 @@ classes), `linear_probe_l2`, `linear_probe_val_top1`; `val_`-prefixed keys are o
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from manifests.io import atomic_write
 from train.linear_probe import L2_GRID, fit_probe, sweep_l2
-
-log = logging.getLogger(__name__)
 
 
 def autocast(device: str, dtype):
@@ -49,15 +47,24 @@ def cached_features(cache: Path | None, key: str, compute) -> tuple[np.ndarray, 
     """`compute()` once per (cache folder, key); the arrays are kept as `cache/key.npz`."""
     path = cache / f"{key}.npz" if cache else None
     if path is not None and path.exists():
-        data = np.load(path)
-        return data["x"], data["y"]
+        with np.load(path) as data:
+            return data["x"], data["y"]
     x, y = compute()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, x=x, y=y)
-        tmp.replace(path)
+    if cache is not None:
+        save_features(cache, key, x, y)
     return x, y
+
+
+def save_features(cache: Path, key: str, x: np.ndarray, y: np.ndarray) -> Path:
+    """Write (or replace) `cache/key.npz`, the file `cached_features` reads back."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.savez would add ".npz" to a name
+            np.savez(handle, x=x, y=y)
+
+    path = cache / f"{key}.npz"
+    atomic_write(path, write)
+    return path
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, n_classes: int, prefix: str) -> dict[str, float]:

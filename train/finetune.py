@@ -23,12 +23,15 @@ from curate.errors import CurateError
 
 log = logging.getLogger(__name__)
 
+# option choices, here (a light module) so that the CLI offers the same ones without importing torch
 SELECT_BY = {"linear_probe": "val_linear_probe_top1", "head": "val_head_top1", "zero_shot": "val_zero_shot_top1"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KEEP_CHECKPOINTS = ("last", "all")
+MIX_MODES = ("data", "loss")  # MixData, MixLoss (train.data.BatchPlan)
 SETTINGS_FILE = "run_settings.json"
 EPOCHS_FILE = "epochs.jsonl"
 EPOCH0_FILE = "epoch0_metrics.json"
+BEST_KEY = "best_epoch"  # features/best_epoch{N}_{split}.npz: features of the weights in best.pt (epoch N)
 _NOT_SETTINGS = ("out", "overwrite", "resume", "workers", "eval_batch_size")
 
 
@@ -90,10 +93,15 @@ def finetune_and_probe(
     Args: train manifests (paths or folders); eval_task (builtin name or task file); eval_data (an
     ImageFolder root with train/val/test); out (the run folder); mix weights (one per manifest,
     "0.9,0.1") with mix_mode "data" (MixData) or "loss" (MixLoss); model/pretrained (registry
-    names; pretrained None = the registry default); the seed 004 recipe (epochs, lr, batch_size,
+    names; pretrained None = the registry default, '' = random weights); the seed 004 recipe (epochs, lr, batch_size,
     wd, warmup); freeze_blocks/reinit (seed 001 layer transfer); init_from (a checkpoint of an
-    earlier run, e.g. RealTune); train_fraction (stratified, seeded); eval_only; select_by (val
-    metric choosing the best epoch: linear_probe | head | zero_shot).
+    earlier run, e.g. RealTune); train_fraction (stratified, seeded); eval_only; seed (data order,
+    augmentation, re-initialisation, train fraction); device (auto | cpu | cuda[:N]); workers (data
+    loader processes); accum_steps (micro-batches per step; None: whole batches on CUDA, split on
+    out-of-memory, at most 128 images per micro-batch elsewhere); precision (auto: bf16 or fp16 on
+    CUDA, fp32 on CPU); compile (torch.compile; "auto": on CUDA); select_by (val metric choosing the
+    best epoch: linear_probe | head | zero_shot); keep_checkpoints (last: best.pt + last.pt; all: also
+    epoch_K.pt); eval_batch_size; overwrite (replace OUT); resume (continue an interrupted run in OUT).
     Returns a FinetuneResult; writes OUT/report.json, epochs.jsonl, val_accuracy.png, checkpoints/.
     """
     settings = {k: v for k, v in locals().items()}
@@ -167,7 +175,7 @@ def _check_options(s: dict[str, Any]) -> None:
         (s["select_by"] in SELECT_BY, f"--select-by must be one of {', '.join(SELECT_BY)}"),
         (s["precision"] in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
         (s["keep_checkpoints"] in KEEP_CHECKPOINTS, f"--keep-checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}"),
-        (s["mix_mode"] in ("data", "loss"), f"--mix-mode must be data or loss, got {s['mix_mode']!r}"),
+        (s["mix_mode"] in MIX_MODES, f"--mix-mode must be {' or '.join(MIX_MODES)}, got {s['mix_mode']!r}"),
         (not (s["init_from"] and s["pretrained"]), "give --init-from or --pretrained, not both"),
         (s["accum_steps"] is None or s["accum_steps"] >= 1, "--accum-steps must be >= 1"),
     ]
@@ -193,8 +201,8 @@ def _device_and_precision(device: str, precision: str):
 
 def _load_model(s: dict[str, Any], class_names: list[str]):
     """The CLIP bundle (from the registry) and the head of an `init_from` checkpoint, if it fits."""
-    from curate.models import default_pretrained, load_clip
-    from train.checkpoint import check_architecture, head_state_for
+    from curate.models import load_clip, resolve_pretrained
+    from train.checkpoint import WrongModelError, check_architecture, head_state_for
 
     checkpoint = s["init_from"] or s["pretrained"]
     head_state = None
@@ -203,17 +211,11 @@ def _load_model(s: dict[str, Any], class_names: list[str]):
     elif checkpoint and Path(checkpoint).is_file():
         try:
             check_architecture(checkpoint, s["model"])
-        except CurateError as exc:
-            if "is for model" in str(exc):
-                raise
-    tag = checkpoint or default_pretrained(s["model"])
-    try:
-        bundle = load_clip(s["model"], tag, device="cpu")
-    except CurateError as exc:
-        if checkpoint and "state_dict" in str(exc):
-            raise CurateError(f"checkpoint {checkpoint} does not fit model '{s['model']}' (another architecture?)") from None
-        raise
-    return bundle, head_state
+        except WrongModelError:
+            raise
+        except CurateError:
+            pass  # not a file torch reads as a dict here: open_clip's loader (in load_clip) has its own try
+    return load_clip(s["model"], resolve_pretrained(s["model"], checkpoint), device="cpu"), head_state
 
 
 # ---------------------------------------------------------------- the output folder
@@ -248,6 +250,7 @@ def _check_resumable(out: Path, fingerprint: dict[str, Any], resume: bool) -> No
 
 def _read_history(out: Path) -> list[dict[str, Any]]:
     """Epoch records up to the last checkpoint (later lines belong to an epoch that will run again)."""
+    from manifests.io import atomic_write
     from train.checkpoint import read_checkpoint
 
     last = out / "checkpoints" / "last.pt"
@@ -255,7 +258,8 @@ def _read_history(out: Path) -> list[dict[str, Any]]:
     path = out / EPOCHS_FILE
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     history = [r for r in map(json.loads, filter(None, lines)) if r["epoch"] <= done]
-    path.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+    text = "".join(json.dumps(r) + "\n" for r in history)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return history
 
 
@@ -302,15 +306,34 @@ def _epoch0_metrics(run: _Run, history: list[dict[str, Any]]) -> dict[str, float
     return metrics
 
 
-def _val_metrics(run: _Run) -> dict[str, float]:
+def _val_metrics(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
+    """Val metrics of the current model, and the features they came from: val (and train for the probe)."""
     from train.evaluate import head_metrics, probe_sweep
 
     n_classes = len(run.task.classes)
-    val = _features(run, "val")
-    metrics = head_metrics(run.classifier, *val, n_classes, prefix="val_")
+    features = {"val": _features(run, "val")}
+    metrics = head_metrics(run.classifier, *features["val"], n_classes, prefix="val_")
     if run.settings["select_by"] == "linear_probe":
-        metrics.update(probe_sweep(_features(run, "train"), val, n_classes)[1])
-    return metrics
+        features["train"] = _features(run, "train")
+        metrics.update(probe_sweep(features["train"], features["val"], n_classes)[1])
+    return metrics, features
+
+
+def _save_best(run: _Run, epoch: int, features: dict[str, Any]) -> None:
+    """best.pt, and the epoch's features under the keys `_finish` looks up, so that it encodes only test.
+
+    The features of earlier bests are deleted first: a kept file always belongs to the weights in
+    best.pt (a kill in between leaves none, and `_finish` encodes those splits again).
+    """
+    from train.checkpoint import save_checkpoint
+    from train.evaluate import save_features
+
+    cache = run.out / "features"
+    for stale in cache.glob(f"{BEST_KEY}*.npz"):
+        stale.unlink()
+    save_checkpoint(run.out / "checkpoints" / "best.pt", run.bundle, run.classifier, run.task.class_names, epoch)
+    for split, (x, y) in features.items():
+        save_features(cache, f"{BEST_KEY}{epoch}_{split}", x, y)
 
 
 def _append_history(out: Path, record: dict[str, Any]) -> None:
@@ -340,13 +363,14 @@ def _train(run: _Run, history: list[dict[str, Any]]) -> None:
         stats = run.trainer.train_epoch(loader, epoch)
         run.train_seconds += stats["seconds"]
         run.train_images += stats["images"]
-        record = {"epoch": epoch, **stats, "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), **_val_metrics(run)}
+        metrics, features = _val_metrics(run)
+        record = {"epoch": epoch, **stats, "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), **metrics}
         _append_history(run.out, record)
         history.append(record)
         score = [record[k] for k in tie_breaks]  # the selected val metric; ties: head, then zero-shot, then earliest
         if score > best["score"]:
             best = {"epoch": epoch, "score": score}
-            save_checkpoint(run.out / "checkpoints" / "best.pt", run.bundle, run.classifier, run.task.class_names, epoch)
+            _save_best(run, epoch, features)
         if run.settings["keep_checkpoints"] == "all":
             save_checkpoint(run.out / "checkpoints" / f"epoch_{epoch}.pt", run.bundle, run.classifier, run.task.class_names, epoch)
         extra = {"trainer": run.trainer.state_dict(), "best": best, "train_seconds": run.train_seconds, "train_images": run.train_images}
@@ -372,13 +396,13 @@ def _train_loader(run: _Run):
 def _make_trainer(run: _Run, steps_per_epoch: int) -> None:
     import torch
 
-    from train.loop import TrainConfig, Trainer
+    from train.loop import TrainConfig, Trainer, default_accum_steps
 
     s, cuda = run.settings, run.device.startswith("cuda")
     config = TrainConfig(
         epochs=s["epochs"], lr=s["lr"], wd=s["wd"], warmup=s["warmup"], batch_size=s["batch_size"],
-        accum_steps=s["accum_steps"] or (None if cuda else max(1, -(-s["batch_size"] // 128))), seed=s["seed"],
-        device=run.device, amp_dtype=run.amp_dtype, mix_loss=s["mix_mode"] == "loss" and run.weights is not None, fused=cuda,
+        accum_steps=s["accum_steps"] or default_accum_steps(s["batch_size"], run.device), device=run.device,
+        amp_dtype=run.amp_dtype, mix_loss=s["mix_mode"] == "loss" and run.weights is not None, fused=cuda, channels_last=cuda,
     )
     if cuda:
         run.classifier.to(memory_format=torch.channels_last)
@@ -407,17 +431,17 @@ def _finish(run: _Run, history: list[dict[str, Any]], epoch0: dict[str, float], 
         best_epoch = int(state["epoch"])
         run.bundle.model.load_state_dict(state["state_dict"])
         run.classifier.head.load_state_dict(state["head"])
-        metrics = _full_eval(run, f"best_epoch{best_epoch}")
+        metrics = _full_eval(run, f"{BEST_KEY}{best_epoch}")  # train / val features saved by _save_best, if kept
     images_per_s = run.train_images / run.train_seconds if run.train_seconds else 0.0
     n_train = sum(src.rows for src in run.sources)
-    plot_history(history, run.out / "val_accuracy.png", title=f"{run.task.name}: val accuracy per epoch")
-    report = _report(run, epoch0, metrics, best_epoch, history, seconds, images_per_s, n_train)
-    write_report(run.out, report)
     epochs_run = max((h["epoch"] for h in history), default=0)
+    plot_history(history, run.out / "val_accuracy.png", title=f"{run.task.name}: val accuracy per epoch")
+    report = _report(run, epoch0, metrics, best_epoch, epochs_run, seconds, images_per_s, n_train)
+    write_report(run.out, report)
     return FinetuneResult(run.out, metrics, epoch0, best_epoch, epochs_run, n_train, seconds, images_per_s)
 
 
-def _report(run: _Run, epoch0, metrics, best_epoch, history, seconds, images_per_s, n_train) -> dict[str, Any]:
+def _report(run: _Run, epoch0, metrics, best_epoch, epochs_run, seconds, images_per_s, n_train) -> dict[str, Any]:
     settings = {k: v for k, v in run.settings.items() if k not in ("overwrite", "resume")}
     return {
         "stage": "finetune-and-probe",
@@ -429,7 +453,7 @@ def _report(run: _Run, epoch0, metrics, best_epoch, history, seconds, images_per
         "metrics": {"best": metrics, "epoch0": epoch0},
         "best_epoch": best_epoch,
         "select_by": SELECT_BY[run.settings["select_by"]],
-        "epochs_run": max((h["epoch"] for h in history), default=0),
+        "epochs_run": epochs_run,
         "n_train_images": n_train,
         "seconds": round(seconds, 3),
         "train_seconds": round(run.train_seconds, 3),

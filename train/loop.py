@@ -32,13 +32,19 @@ class TrainConfig:
     wd: float = 0.1
     warmup: int = 500
     batch_size: int = 512
-    accum_steps: int | None = None
+    accum_steps: int | None = None  # None: start with whole batches, split further on CUDA out-of-memory
     grad_clip: float = 1.0
-    seed: int = 0
     device: str = "cpu"
     amp_dtype: Any = None  # torch.bfloat16 / torch.float16 on CUDA, None = fp32
     mix_loss: bool = False
-    fused: bool = False
+    fused: bool = False  # fused AdamW (CUDA)
+    channels_last: bool = False  # feed images channels-last (CUDA; the model should be converted too)
+
+
+def default_accum_steps(batch_size: int, device: str) -> int | None:
+    """`accum_steps` when none is asked for: None on CUDA (whole batches, split on out-of-memory);
+    elsewhere enough micro-batches that none holds more than 128 images."""
+    return None if device.startswith("cuda") else max(1, -(-batch_size // 128))
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -127,7 +133,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for part in torch.arange(len(labels)).chunk(self.accum):
             x = images[part].to(device, non_blocking=True)
-            if device.startswith("cuda"):
+            if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y, w = labels[part].to(device), weights[part].to(device)
             with autocast(device, config.amp_dtype):

@@ -13,15 +13,12 @@ this module does it: `reset_parameters` where a module has one, normal(width^-0.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from curate.errors import CurateError
-
-log = logging.getLogger(__name__)
 
 STEM = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_dropout")
 
@@ -49,7 +46,7 @@ class ClipClassifier(nn.Module):
 def build_classifier(bundle, class_names: list[str], templates: list[str], head_state: dict | None = None, device: str = "cpu") -> ClipClassifier:
     """Wrap bundle.model.visual with a head from the templates (or `head_state`, from an earlier run)."""
     text = text_head(bundle, class_names, templates, device)
-    classifier = ClipClassifier(bundle.model.visual, text.clone(), text)
+    classifier = ClipClassifier(bundle.model.visual, text, text)  # both are copied
     if head_state is not None:
         classifier.head.load_state_dict(head_state)
     return classifier.to(device)
@@ -144,10 +141,10 @@ def _reinit_module(module, width: int) -> None:
                 nn.init.zeros_(sub.in_proj_bias.data)
         elif hasattr(sub, "reset_parameters"):
             sub.reset_parameters()
-            continue
-        for name, param in sub.named_parameters(recurse=False):
-            if not isinstance(sub, nn.MultiheadAttention) and param.ndim >= 2:
-                nn.init.normal_(param.data, std=width**-0.5)
+        else:
+            for param in sub.parameters(recurse=False):
+                if param.ndim >= 2:
+                    nn.init.normal_(param.data, std=width**-0.5)
 
 
 def _reinit_head(classifier: ClipClassifier) -> None:

@@ -7,15 +7,11 @@ unadapted model (epoch 0) as a horizontal reference.
 
 from __future__ import annotations
 
-import json
-import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from curate.errors import CurateError
-
-log = logging.getLogger(__name__)
 
 CURVES = {"val_linear_probe_top1": "linear probe", "val_head_top1": "finetuned head", "val_zero_shot_top1": "zero-shot"}
 STYLE = {"retrieved": ("tab:blue", "o"), "synthetic": ("tab:red", "^"), "real": ("tab:green", "s"), "mixed": ("tab:purple", "D")}
@@ -55,13 +51,15 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
 
 def scale_points(run_dirs: list[str | Path], metric: str = "linear_probe_top1") -> dict[str, Any]:
     """Per source: sorted (n_train_images, metric) of the best epoch; plus the runs' epoch-0 values."""
+    from manifests.io import read_report
+
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     baseline = []
     for run in run_dirs:
-        path = Path(run) / "report.json" if Path(run).is_dir() else Path(run)
+        path = Path(run) / "report.json" if Path(run).is_dir() else Path(run)  # a run folder or its report.json
         if not path.exists():
             raise CurateError(f"no report.json in {run}")
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = read_report(path.parent)
         best, epoch0 = report["metrics"]["best"], report["metrics"]["epoch0"]
         if metric not in best:
             raise CurateError(f"{path} has no metric '{metric}' (have: {', '.join(sorted(best))})")
