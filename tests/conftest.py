@@ -1,4 +1,4 @@
-"""Shared fixtures: small parquet metadata, task files, and a CLI runner."""
+"""Shared fixtures: small parquet metadata, task files, a CLI runner."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from click.testing import CliRunner
+from helpers_images import write_task_file
 
 
 @pytest.fixture
@@ -18,16 +18,10 @@ def runner() -> CliRunner:
 
 @pytest.fixture
 def write_task(tmp_path: Path):
-    """Write a YAML task from a dict (or a text task from a list of names); returns its path."""
+    """Write a YAML task from a dict (or a text task from a list of names) into tmp_path; returns its path."""
 
     def write(data, name: str = "task") -> Path:
-        if isinstance(data, list):
-            path = tmp_path / f"{name}.txt"
-            path.write_text("\n".join(data) + "\n", encoding="utf-8")
-        else:
-            path = tmp_path / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
-        return path
+        return write_task_file(tmp_path, data, name)
 
     return write
 
@@ -48,25 +42,10 @@ def write_laion(tmp_path: Path):
     return write
 
 
-def pytest_collection_modifyitems(config, items):
-    """GPU tests run only where CUDA is present (never in CI)."""
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
-    if has_cuda:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def torch_one_thread():
-    """Run a test with one torch thread (small models on a shared 2-core machine), then restore."""
+    """One torch thread for a module's tests and module fixtures (small models on a shared 2-core
+    machine: they do not gain from more), restored when the module is done."""
     import torch
 
     previous = torch.get_num_threads()

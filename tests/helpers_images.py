@@ -1,4 +1,5 @@
-"""Generated-image fixtures: small distinct images, image manifests, eval folders, clip-retrieval layouts."""
+"""Generated-image fixtures: small distinct images, image manifests, task files, clip-retrieval layouts,
+the tiny-clip options and embeddings the filter / decontaminate tests share."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from manifests.io import write_manifest
 from manifests.uid import uid_for_url
 
 CLASSES = ("red circle", "green square", "blue triangle")
+SHAPES_TASK = {"name": "shapes", "domain_text": ["a photo of a shape"], "templates": ["a photo of a {}.", "a drawing of a {}."],
+               "classes": list(CLASSES)}
+TINY = {"clip_model": "tiny-clip", "device": "cpu", "workers": 0, "batch_size": 8}  # filter options: offline, CPU, in-process
 
 
 def make_image(path: Path, seed: int, size: int = 48, quality: int = 90) -> Path:
@@ -62,14 +66,34 @@ def add_rows(manifest: Path, rows: list[dict]) -> Path:
     return manifest
 
 
-def write_task(tmp_path: Path, classes: tuple[str, ...] = CLASSES, domain_text=("a photo of a shape",),
-               templates=("a photo of a {}.", "a drawing of a {}.")) -> Path:
+def write_task_file(folder: Path, data: dict | list[str], name: str = "task") -> Path:
+    """Write a YAML task from a dict (or a text task from a list of class names) into `folder`; returns its path."""
     import yaml
 
-    path = Path(tmp_path) / "task.yaml"
-    data = {"name": "shapes", "domain_text": list(domain_text), "templates": list(templates), "classes": list(classes)}
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    if isinstance(data, list):
+        path = Path(folder) / f"{name}.txt"
+        path.write_text("\n".join(data) + "\n", encoding="utf-8")
+    else:
+        path = Path(folder) / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def write_task(folder: Path, classes: tuple[str, ...] = CLASSES) -> Path:
+    """The shapes task (SHAPES_TASK, optionally other classes) as folder/task.yaml; scripts/bench_filter.py uses it."""
+    return write_task_file(folder, {**SHAPES_TASK, "classes": list(classes)})
+
+
+def embed_manifest(bundle, manifest: Path) -> np.ndarray:
+    """tiny-clip (or any bundle's) image embeddings of a manifest's image_path rows, in row order: (N, d) float32."""
+    import torch
+
+    from curate.models import encode_images
+    from manifests.io import read_manifest
+
+    paths = read_manifest(manifest).column("image_path").to_pylist()
+    pixels = torch.stack([bundle.preprocess_val(Image.open(Path(manifest).parent / p).convert("RGB")) for p in paths])
+    return encode_images(bundle, pixels).numpy()
 
 
 def write_clip_retrieval(out_dir: Path, embeddings: np.ndarray, urls: list[str], shards: int = 2) -> Path:

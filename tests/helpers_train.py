@@ -12,13 +12,6 @@ CLASSES = ("red circle", "green square", "blue triangle", "yellow star", "purple
 SMALL = {"model": "tiny-clip", "lr": 1e-3, "batch_size": 32, "warmup": 0, "workers": 0, "device": "cpu"}
 
 
-def limit_threads() -> None:
-    """One torch thread: the machine is small and shared; the tiny model does not gain from more."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def write_rows(folder: Path, rows: list[dict], image_from: Path | None = None) -> Path:
     """A manifest from row dicts (uid, label, class_name, source, caption, image_path)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from click.testing import CliRunner
-from helpers_images import add_rows, make_image, make_image_manifest, write_clip_retrieval, write_task
+from helpers_cli import assert_cli_error
+from helpers_images import (
+    SHAPES_TASK,
+    TINY,
+    add_rows,
+    embed_manifest,
+    make_image,
+    make_image_manifest,
+    write_clip_retrieval,
+    write_task_file,
+)
 from PIL import Image
 
 from curate.cli import cli
@@ -26,7 +34,6 @@ from curate.decontaminate import _Finder, decontaminate
 from curate.filter import filter_images
 from manifests.io import read_manifest, write_manifest
 
-TINY = dict(clip_model="tiny-clip", device="cpu", workers=0, batch_size=16)
 STRICT = 0.9999  # tiny-clip: only identical pixels are CLIP duplicates
 RADIUS = 8
 
@@ -52,7 +59,7 @@ def planted(tmp_path):
         {"uid": "copy-recompressed", "label": 1, "class_name": "green square", "image_path": "images/copy-recompressed.jpg"},
         {"uid": "train-dup", "label": 2, "class_name": "blue triangle", "image_path": "images/train-dup.jpg"},
     ])
-    return write_task(tmp_path), manifest, eval_dir, first["uid"]
+    return write_task_file(tmp_path, SHAPES_TASK), manifest, eval_dir, first["uid"]
 
 
 def test_filter_drops_exactly_the_planted_duplicates(planted, tmp_path):
@@ -90,6 +97,19 @@ def test_decontamination_runs_after_the_score_rule_and_before_the_cap(planted, t
                            decontaminate=eval_dir, cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
     assert result.counts["decontaminated"] == 3 and result.counts["kept"] == 6  # 2 clean rows per class
     assert result.counts["capped"] == 3
+    # a threshold just above train-dup's score: the score rule drops it, so decontamination never sees it
+    scored = read_manifest(filter_images(task, manifest, tmp_path / "scores", threshold=-1, **TINY).out).to_pandas()
+    scores = dict(zip(scored.uid, scored.clip_score))
+    cut = float(scores["train-dup"]) + 1e-4
+    assert scores["copy-resized"] > cut and scores["copy-recompressed"] > cut  # the eval copies pass the score rule
+    below = sum(score < cut for score in scores.values())
+    cut_run = filter_images(task, manifest, tmp_path / "cut", threshold=cut, per_class_cap=2,
+                            decontaminate=eval_dir, cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
+    assert cut_run.counts["dropped_score"] == below  # train-dup among them
+    assert cut_run.counts["decontaminated"] == 2  # one fewer: only the two eval copies
+    pairs = {row["uid"] for row in cut_run.report["decontamination"]["pairs"]}
+    assert pairs == {"copy-resized", "copy-recompressed"}
+    assert cut_run.counts["kept"] == 12 - below - 2 - cut_run.counts["capped"]
 
 
 def test_decontaminate_alone_embeds_the_training_images_itself(planted):
@@ -105,13 +125,12 @@ def test_decontaminate_alone_embeds_the_training_images_itself(planted):
 def test_clip_signal_on_precomputed_embeddings(tmp_path):
     """No pixels on the embeddings path: only CLIP similarity. An eval image identical to a training
     image and a training embedding repeated under another url are found."""
-    from curate.models import encode_images, load_clip
+    from curate.models import load_clip
 
     manifest = make_image_manifest(tmp_path, per_class=2)
     table = read_manifest(manifest)
-    bundle = load_clip("tiny-clip", None)
+    feats = embed_manifest(load_clip("tiny-clip", None), manifest)
     files = [manifest.parent / p for p in table.column("image_path").to_pylist()]
-    feats = encode_images(bundle, torch.stack([bundle.preprocess_val(Image.open(f).convert("RGB")) for f in files])).numpy()
     urls = table.column("url").to_pylist()
     folder = write_clip_retrieval(tmp_path / "emb", np.concatenate([feats, feats[3:4]]), urls + ["https://x/dup.png"])
     eval_dir = tmp_path / "eval"
@@ -121,7 +140,7 @@ def test_clip_signal_on_precomputed_embeddings(tmp_path):
     candidates = tmp_path / "cand" / "manifest.parquet"
     rows = table.drop_columns(["image_path"]).to_pylist() + [{k: v for k, v in dup.items() if k != "image_path"}]
     write_manifest(pa.Table.from_pylist(rows), candidates)
-    result = filter_images(write_task(tmp_path), candidates, tmp_path / "out", threshold=-1, embeddings=folder,
+    result = filter_images(write_task_file(tmp_path, SHAPES_TASK), candidates, tmp_path / "out", threshold=-1, embeddings=folder,
                            decontaminate=eval_dir, cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
     decon = result.report["decontamination"]
     assert decon["phash"].startswith("skipped") and decon["counts"]["eval_clip"] == 1 and decon["counts"]["train_clip"] == 1
@@ -181,7 +200,7 @@ def test_multi_index_hashing_matches_brute_force_across_blocks(monkeypatch):
     ("phash", "phash distance must be in [0, 16], got 20"),
     ("corrupt", "none of the 2 eval images in"),
 ])
-def test_cli_rejects_bad_decontamination_input(planted, tmp_path, setup, message):
+def test_cli_rejects_bad_decontamination_input(planted, tmp_path, runner, setup, message):
     task, manifest, eval_dir, _ = planted
     extra = []
     if setup == "missing":
@@ -198,10 +217,9 @@ def test_cli_rejects_bad_decontamination_input(planted, tmp_path, setup, message
     else:
         extra = ["--phash-distance", "20"]
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out),
-                                      "--clip-model", "tiny-clip", "--decontaminate", str(eval_dir), *extra])
-    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
-    assert not out.exists()
+    result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out),
+                                 "--clip-model", "tiny-clip", "--decontaminate", str(eval_dir), *extra])
+    assert_cli_error(result, message, out)
 
 
 def test_flat_inner_product_search_matches_faiss(monkeypatch):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from helpers_cli import assert_cli_error
 from helpers_http import serve_images, write_image, write_truncated_jpeg
 from PIL import Image
 
@@ -183,11 +184,9 @@ def test_finished_output_is_refused_without_overwrite(source_manifest, files_run
     out, _, _ = files_run
     before = (out / "manifest.parquet").stat().st_mtime_ns
     result = _cli(*_download_args(source_manifest[0], out))
-    assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == [
-        f"curate: error: output directory {out} already holds a finished download (use --overwrite to replace it)"
-    ]
-    assert "Traceback" not in result.output
+    message = f"curate: error: output directory {out} already holds a finished download (use --overwrite to replace it)"
+    assert_cli_error(result, message)
+    assert result.stderr.strip() == message
     assert (out / "manifest.parquet").stat().st_mtime_ns == before
 
 
@@ -216,20 +215,18 @@ def test_bad_input_and_options(tmp_path, source_manifest):
     write_manifest(pa.table({"uid": ["a"], "label": [0], "class_name": ["x"], "source": ["synthetic"], "caption": ["c"]}), no_url)
     out = tmp_path / "never"
     result = _cli("--manifest", str(no_url), "--out", str(out))
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.stderr.strip() == (
-        f"curate: error: manifest {no_url} has no 'url' column: download needs a retrieved manifest (curate retrieve)"
-    )
-    assert not out.exists()
+    message = f"curate: error: manifest {no_url} has no 'url' column: download needs a retrieved manifest (curate retrieve)"
+    assert_cli_error(result, message, out)
+    assert result.stderr.strip() == message
 
     missing = _cli("--manifest", str(tmp_path / "nope.parquet"), "--out", str(out))
-    assert missing.exit_code == 2 and "manifest not found" in missing.stderr and not out.exists()
+    assert_cli_error(missing, "manifest not found", out)
 
     stranger = tmp_path / "not-a-download"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     refused = _cli("--manifest", str(source_manifest[0]), "--out", str(stranger))
-    assert refused.exit_code == 2 and "is not a download folder" in refused.stderr
+    assert_cli_error(refused, "is not a download folder")
     assert (stranger / "notes.txt").read_text() == "mine"
 
     with pytest.raises(CurateError, match="unknown resize mode 'squash'"):

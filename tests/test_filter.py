@@ -12,18 +12,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from click.testing import CliRunner
-from helpers_images import add_rows, make_image, make_image_manifest, write_clip_retrieval, write_task
-from PIL import Image
+from helpers_cli import assert_cli_error
+from helpers_images import (
+    SHAPES_TASK,
+    TINY,
+    add_rows,
+    embed_manifest,
+    make_image,
+    make_image_manifest,
+    write_clip_retrieval,
+    write_task_file,
+)
 
 from curate.cli import cli
 from curate.errors import CurateError
-from curate.filter import cap_per_class, filter_images, score_embeddings, select_by_score
+from curate.filter import (
+    cap_per_class,
+    filter_images,
+    score_embeddings,
+    select_by_score,
+)
 from manifests.io import read_manifest, write_manifest
-
-TINY = dict(clip_model="tiny-clip", device="cpu", workers=0, batch_size=8)
-
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -32,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 def shapes(tmp_path_factory):
     """A task and a manifest of 5 + 4 + 3 generated images."""
     root = tmp_path_factory.mktemp("shapes")
-    return write_task(root), make_image_manifest(root, per_class=[5, 4, 3])
+    return write_task_file(root, SHAPES_TASK), make_image_manifest(root, per_class=[5, 4, 3])
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +53,7 @@ def tiny():
 
 def _expected_scores(bundle, manifest: Path, text: np.ndarray, columns=None) -> np.ndarray:
     """Scores computed by hand: encode each image, cosine with the text matrix (d, T)."""
-    from curate.models import encode_images
-
-    table = read_manifest(manifest)
-    pixels = torch.stack([bundle.preprocess_val(Image.open(manifest.parent / p).convert("RGB"))
-                          for p in table.column("image_path").to_pylist()])
-    feats = encode_images(bundle, pixels).numpy()
-    sims = feats @ text
+    sims = embed_manifest(bundle, manifest) @ text
     return sims.max(axis=1) if columns is None else sims[np.arange(len(sims)), columns]
 
 
@@ -80,15 +83,29 @@ def test_threshold_minus_one_keeps_every_row_with_its_score(shapes, tiny, tmp_pa
     assert (tmp_path / "out" / "score_hist.png").stat().st_size > 1000
 
 
-def test_threshold_splits_rows_at_the_score(shapes, tmp_path):
+@pytest.mark.filterwarnings("ignore:No artists with labels found")  # the recorded stairs draw nothing
+def test_threshold_splits_rows_at_the_score(shapes, tmp_path, monkeypatch):
+    import matplotlib.axes
+
     task, manifest = shapes
     all_scores = _run(task, manifest, tmp_path / "all", threshold=-1).report
     scores = read_manifest(tmp_path / "all").column("clip_score").to_numpy()
     cut = float(np.sort(scores)[6] + np.sort(scores)[7]) / 2  # between the 7th and 8th score
+    stairs, lines = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "stairs", lambda ax, values, edges, **kw: stairs.append((values, edges)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda ax, x, **kw: lines.append(x))
     result = _run(task, manifest, tmp_path / "cut", threshold=cut)
     kept = read_manifest(tmp_path / "cut").column("clip_score").to_numpy()
     assert result.counts["kept"] == 5 and (kept >= cut).all()
     assert result.counts["dropped_score"] == 7
+    # score_hist.png: every scored row, then the kept ones over them, on the same bins; the threshold marked
+    (all_counts, edges), (kept_counts, kept_edges) = stairs
+    bins = np.linspace(scores.min(), scores.max(), 41)  # 40 bins over the scored range (the report rounds them)
+    np.testing.assert_allclose(edges, bins, atol=1e-5)
+    assert np.array_equal(kept_edges, edges)
+    assert all_counts.tolist() == np.histogram(scores, bins=bins)[0].tolist() and all_counts.sum() == 12
+    assert kept_counts.tolist() == np.histogram(kept, bins=bins)[0].tolist() and kept_counts.sum() == 5
+    assert lines == [cut]
     assert _run(task, manifest, tmp_path / "none", threshold=1.0).counts["kept"] == 0
     assert all_scores["threshold"] == -1
 
@@ -154,7 +171,7 @@ def test_classname_mode_scores_each_row_against_its_class_text(shapes, tiny, tmp
 
 
 def test_corrupt_and_truncated_images_are_skipped_and_listed(tmp_path):
-    task = write_task(tmp_path)
+    task = write_task_file(tmp_path, SHAPES_TASK)
     manifest = make_image_manifest(tmp_path, per_class=2)
     images = manifest.parent / "images"
     (images / "corrupt.jpg").write_bytes(b"this is not a jpeg")
@@ -170,20 +187,11 @@ def test_corrupt_and_truncated_images_are_skipped_and_listed(tmp_path):
     assert "truncated" in listed["bad-2"]
 
 
-def _embed_manifest(bundle, manifest: Path) -> np.ndarray:
-    from curate.models import encode_images
-
-    table = read_manifest(manifest)
-    pixels = torch.stack([bundle.preprocess_val(Image.open(manifest.parent / p).convert("RGB"))
-                          for p in table.column("image_path").to_pylist()])
-    return encode_images(bundle, pixels).numpy()
-
-
 @pytest.fixture()
 def embedded(shapes, tiny, tmp_path):
     """The shapes manifest's embeddings in a 2-shard clip-retrieval folder, shuffled, with 20 extra rows."""
     task, manifest = shapes
-    feats = _embed_manifest(tiny, manifest)
+    feats = embed_manifest(tiny, manifest)
     urls = read_manifest(manifest).column("url").to_pylist()
     rng = np.random.default_rng(0)
     extra = rng.standard_normal((20, feats.shape[1])).astype(np.float32)
@@ -253,32 +261,14 @@ def test_embedding_shard_without_npy_or_wrong_dim(embedded, tmp_path):
 
 
 # ---------------------------------------------------------------- through the CLI
-def _cli(args):
-    return CliRunner(mix_stderr=False).invoke(cli, args) if _mix_stderr_supported() else CliRunner().invoke(cli, args)
-
-
-def _mix_stderr_supported() -> bool:
-    import inspect
-
-    return "mix_stderr" in inspect.signature(CliRunner.__init__).parameters
-
-
-def _assert_cli_error(result, message: str, out: Path) -> None:
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("curate: error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
-
-
-def test_cli_filter_runs_offline_with_tiny_clip(shapes, tmp_path):
+def test_cli_filter_runs_offline_with_tiny_clip(shapes, tmp_path, runner):
     task, manifest = shapes
-    result = _cli(["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(tmp_path / "out"),
-                   "--clip-model", "tiny-clip", "--threshold", "-1", "--workers", "0", "--device", "cpu"])
+    result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(tmp_path / "out"),
+                                 "--clip-model", "tiny-clip", "--threshold", "-1", "--workers", "0", "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
     assert "kept 12 of 12 rows" in result.stdout
-    empty = _cli(["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(tmp_path / "out2"),
-                  "--clip-model", "tiny-clip", "--clip-pretrained", "", "--threshold", "1", "--workers", "0"])
+    empty = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(tmp_path / "out2"),
+                                "--clip-model", "tiny-clip", "--clip-pretrained", "", "--threshold", "1", "--workers", "0"])
     assert empty.exit_code == 0 and "kept 0 of 12" in empty.stdout
 
 
@@ -287,46 +277,48 @@ def test_cli_filter_runs_offline_with_tiny_clip(shapes, tmp_path):
     ("--percentile", "0", "percentile must be in (0, 100], got 0"),
     ("--per-class-cap", "0", "per-class cap must be at least 1, got 0"),
 ])
-def test_cli_rejects_out_of_range_options(shapes, tmp_path, option, value, message):
+def test_cli_rejects_out_of_range_options(shapes, tmp_path, runner, option, value, message):
     task, manifest = shapes
     out = tmp_path / "out"
-    result = _cli(["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out),
-                   "--clip-model", "tiny-clip", option, value])
-    _assert_cli_error(result, message, out)
+    result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out),
+                                 "--clip-model", "tiny-clip", option, value])
+    assert_cli_error(result, message, out)
 
 
-def test_cli_rejects_a_manifest_missing_columns(shapes, tmp_path):
+def test_cli_rejects_a_manifest_missing_columns(shapes, tmp_path, runner):
     task, _ = shapes
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"uid": ["a"], "label": [0], "image_path": ["x.png"]}), bad)
     out = tmp_path / "out"
-    result = _cli(["filter", "--task", str(task), "--manifest", str(bad), "--out", str(out), "--clip-model", "tiny-clip"])
-    _assert_cli_error(result, "is missing required column(s): class_name, source, caption", out)
+    result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(bad), "--out", str(out), "--clip-model", "tiny-clip"])
+    assert_cli_error(result, "is missing required column(s): class_name, source, caption", out)
 
 
-def test_cli_rejects_a_manifest_without_images_or_embeddings(shapes, tmp_path):
+def test_cli_rejects_a_manifest_without_images_or_embeddings(shapes, tmp_path, runner):
     task, manifest = shapes
     no_images = tmp_path / "cand" / "manifest.parquet"
     write_manifest(read_manifest(manifest).drop_columns(["image_path"]), no_images)
     out = tmp_path / "out"
-    result = _cli(["filter", "--task", str(task), "--manifest", str(no_images), "--out", str(out), "--clip-model", "tiny-clip"])
-    _assert_cli_error(result, "manifest has no images (image_path or shard/key)", out)
+    result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(no_images), "--out", str(out),
+                                 "--clip-model", "tiny-clip"])
+    assert_cli_error(result, "manifest has no images (image_path or shard/key)", out)
 
 
-def test_cli_rejects_labels_outside_the_task(shapes, tmp_path):
+def test_cli_rejects_labels_outside_the_task(shapes, tmp_path, runner):
     _, manifest = shapes
-    task = write_task(tmp_path, classes=("red circle", "green square"))
+    task = write_task_file(tmp_path, {**SHAPES_TASK, "classes": ["red circle", "green square"]})
     out = tmp_path / "out"
-    result = _cli(["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out), "--clip-model", "tiny-clip"])
-    _assert_cli_error(result, "manifest label 2 is out of range for task 'shapes' (2 classes)", out)
+    result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out), "--clip-model", "tiny-clip"])
+    assert_cli_error(result, "manifest label 2 is out of range for task 'shapes' (2 classes)", out)
 
 
-def test_cli_refuses_an_existing_output_folder(shapes, tmp_path):
+def test_cli_refuses_an_existing_output_folder(shapes, tmp_path, runner):
     task, manifest = shapes
     out = tmp_path / "out"
     out.mkdir()
-    result = _cli(["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out), "--clip-model", "tiny-clip"])
-    assert result.exit_code == 2 and "already exists (use --overwrite" in result.stderr
+    result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out), "--clip-model", "tiny-clip"])
+    assert_cli_error(result, "already exists (use --overwrite")
+    assert out.is_dir() and not any(out.iterdir())
 
 
 def test_pretrained_default_depends_on_the_model():

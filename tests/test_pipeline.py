@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers_http import serve_images
+from helpers_images import CLASSES
 
 from curate.cli import cli
 from manifests import read_manifest
 from manifests.images import open_image
 from train.synthetic_world import draw_shape, write_eval_folder
 
-CLASSES = ["red circle", "green square", "blue triangle"]
 MISSING = {4, 9}  # rows whose image the server does not have
 
 
@@ -42,7 +42,7 @@ def world(tmp_path, write_task):
         urls += [f"{base_url}/noise-{i}.jpg" for i in range(5)]
         captions += ["a photo of a dog", "circles and squares", None, "", "red circles"]
         pq.write_table(pa.table({"URL": urls, "TEXT": captions}), tmp_path / "laion.parquet")
-        task = write_task({"name": "shapes", "domain_text": ["a drawing of a shape"], "classes": CLASSES})
+        task = write_task({"name": "shapes", "domain_text": ["a drawing of a shape"], "classes": list(CLASSES)})
         yield tmp_path, task, log
 
 

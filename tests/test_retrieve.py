@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers_cli import assert_cli_error
 
 from curate.cli import cli
 from curate.retrieve import retrieve
@@ -179,33 +180,24 @@ def test_manifest_reads_in_duckdb_and_export_formats(tmp_path, write_task, write
 
 
 # ---------------------------------------------------------------- bad input, through the CLI
-def assert_clean_failure(result, out, message):
-    assert result.exit_code != 0
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "Traceback" not in result.output
-    assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}.partial-*"))
-
-
 def test_missing_caption_column(tmp_path, write_task, runner):
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"URL": ["a"], "words": ["737"]}), path)
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task(TASK)), "-m", str(path), "-o", str(out))
-    assert_clean_failure(result, out, "has no caption column (looked for TEXT, text, caption, CAPTION); name it with --caption-col")
+    assert_cli_error(result, "has no caption column (looked for TEXT, text, caption, CAPTION); name it with --caption-col", out)
 
 
 def test_named_column_missing(tmp_path, write_task, write_laion, runner):
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task(TASK)), "-m", str(write_laion([("a", "737")])), "-o", str(out), "--url-col", "link")
-    assert_clean_failure(result, out, "has no column 'link'")
+    assert_cli_error(result, "has no column 'link'", out)
 
 
 def test_glob_matching_nothing(tmp_path, write_task, runner):
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task(TASK)), "-m", str(tmp_path / "nope-*.parquet"), "-o", str(out))
-    assert_clean_failure(result, out, "no file matches")
+    assert_cli_error(result, "no file matches", out)
 
 
 @pytest.mark.parametrize("content", [b"not a parquet file at all", b"PAR1" + b"\0" * 64])
@@ -214,13 +206,13 @@ def test_non_parquet_file(tmp_path, write_task, runner, content):
     path.write_bytes(content)
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task(TASK)), "-m", str(path), "-o", str(out))
-    assert_clean_failure(result, out, "is not a readable parquet file")
+    assert_cli_error(result, "is not a readable parquet file", out)
 
 
 def test_task_with_no_classes(tmp_path, write_task, write_laion, runner):
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task({"name": "x", "classes": []})), "-m", str(write_laion([("a", "b")])), "-o", str(out))
-    assert_clean_failure(result, out, "no classes")
+    assert_cli_error(result, "no classes", out)
 
 
 def test_existing_output_refused_unless_overwrite(tmp_path, write_task, write_laion, runner):
@@ -229,7 +221,7 @@ def test_existing_output_refused_unless_overwrite(tmp_path, write_task, write_la
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = run(runner, "-t", str(task), "-m", str(meta), "-o", str(out))
-    assert result.exit_code != 0 and "already exists (use --overwrite" in result.stderr
+    assert_cli_error(result, "already exists (use --overwrite")
     assert (out / "keep.txt").read_text() == "mine"
     result = run(runner, "-t", str(task), "-m", str(meta), "-o", str(out), "--overwrite")
     assert result.exit_code == 0 and not (out / "keep.txt").exists()
@@ -239,7 +231,7 @@ def test_existing_output_refused_unless_overwrite(tmp_path, write_task, write_la
 def test_quality_filter_without_its_column(tmp_path, write_task, write_laion, runner):
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task(TASK)), "-m", str(write_laion([("a", "737")])), "-o", str(out), "--max-punsafe", "0.5")
-    assert_clean_failure(result, out, "needs a 'punsafe' column")
+    assert_cli_error(result, "needs a 'punsafe' column", out)
 
 
 def test_failure_midway_leaves_no_output(tmp_path, write_task, write_laion, runner):
@@ -247,7 +239,7 @@ def test_failure_midway_leaves_no_output(tmp_path, write_task, write_laion, runn
     (tmp_path / "meta" / "b.parquet").write_bytes(good.read_bytes()[:-40])  # truncated footer
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task(TASK)), "-m", str(tmp_path / "meta"), "-o", str(out))
-    assert_clean_failure(result, out, "b.parquet")
+    assert_cli_error(result, "b.parquet", out)
 
 
 def test_hostile_class_and_column_names_end_to_end(tmp_path, write_task, runner):

@@ -10,9 +10,9 @@ import pytest
 from helpers_train import CLASSES, write_rows
 
 from curate.errors import CurateError
+from manifests.images import safe_name
 from train.data import (
     BatchPlan,
-    class_folder_name,
     load_train_sources,
     map_labels,
     parse_mix,
@@ -104,7 +104,7 @@ def test_eval_folder_labels_follow_the_task_not_the_folder_order(tmp_path):
 
 
 def test_eval_folder_accepts_file_system_safe_names(tmp_path):
-    assert class_folder_name('F/A-18: "hornet"') == "F_A-18_ _hornet_"
+    assert safe_name('F/A-18: "hornet"') == "F_A-18_ _hornet_"
     root = _folder(tmp_path / "ev", classes=["F_A-18"])
     assert scan_eval_folder(root, ["747", "F/A-18"])["val"][0][1] == 1
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers_train import CLASSES, SMALL, limit_threads, write_rows
+from helpers_cli import assert_cli_error
+from helpers_train import CLASSES, SMALL, write_rows
 
 import train.checkpoint
 from curate.cli import cli
@@ -19,6 +20,7 @@ from curate.errors import CurateError
 from manifests import read_manifest
 from train.cli import cli as standalone_cli
 from train.finetune import finetune_and_probe
+from train.plots import plot_history
 from train.synthetic_world import make_shape_world
 
 EPOCHS = 3
@@ -28,9 +30,11 @@ METRIC_KEYS = {
 } | {"linear_probe_l2", "linear_probe_val_top1", "val_head_top1", "val_zero_shot_top1", "val_linear_probe_top1"}
 
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    limit_threads()
+def world(tmp_path_factory, torch_one_thread):
     return make_shape_world(tmp_path_factory.mktemp("world"), CLASSES, per_class=24, eval_per_class=10, source="retrieved")
 
 
@@ -61,7 +65,7 @@ def test_training_lowers_loss_and_lifts_the_head(reference):
     assert reference.best_epoch == max(range(1, 4), key=lambda e: (history[e]["val_head_top1"], history[e]["val_zero_shot_top1"], -e))
 
 
-def test_report_files_and_keys(reference, world):
+def test_report_files_and_keys(reference, world, tmp_path):
     report = json.loads((reference.out / "report.json").read_text(encoding="utf-8"))
     assert set(report["metrics"]) == {"best", "epoch0"}
     for metrics in report["metrics"].values():
@@ -74,7 +78,9 @@ def test_report_files_and_keys(reference, world):
     assert train["per_class"] == {name: 24 for name in CLASSES}
     assert train["provenance"]["stage"] == "synthetic_world"
     assert report["eval_data"]["test"] == 50 and "command" in report and "versions" in report
-    assert (reference.out / "val_accuracy.png").stat().st_size > 1000
+    # the plot is plot_history (tested in test_train_plots) of every epoch logged, epoch 0 included
+    again = plot_history(_history(reference.out), tmp_path / "again.png", title=f"{report['task']}: val accuracy per epoch")
+    assert (reference.out / "val_accuracy.png").read_bytes() == again.read_bytes()
     checkpoints = {p.name for p in (reference.out / "checkpoints").iterdir()}
     assert checkpoints == {"best.pt", "last.pt"}
     assert (reference.out / "features" / "epoch0_train.npz").exists()
@@ -140,46 +146,50 @@ def test_eval_only_through_the_standalone_command(world, tmp_path):
     assert report["n_train_images"] == 0 and not (out / "checkpoints").exists()
 
 
-def _bad(runner, world, out, *extra, train=None):
+def _bad(runner, world, out, message, *extra, train=None):
+    """finetune-and-probe on the shape world with `extra` options fails cleanly with `message`, writing nothing."""
     args = ["finetune-and-probe", "--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir), "--out", str(out),
             "--model", "tiny-clip", "--workers", "0", *extra]
     if train is not None:
         args += ["--train", str(train)]
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 2
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("curate: error: ")
-    assert not out.exists()
-    return result.stderr
+    assert_cli_error(runner.invoke(cli, args), message, out)
 
 
-def test_bad_input_one_line_no_output(world, reference, tmp_path):
-    runner = CliRunner()
+def test_bad_input_one_line_no_output(world, reference, tmp_path, runner):
     out = tmp_path / "bad"
     empty = write_rows(tmp_path / "empty", [])
-    assert "is empty" in _bad(runner, world, out, train=empty)
+    _bad(runner, world, out, "is empty", train=empty)
     table = read_manifest(world.manifest).to_pylist()
     table[0]["class_name"] = "orange hexagon"
     outside = write_rows(tmp_path / "outside", table)
-    assert "not in the eval task: 'orange hexagon'" in _bad(runner, world, out, train=outside)
+    _bad(runner, world, out, "not in the eval task: 'orange hexagon'", train=outside)
     broken = tmp_path / "broken_eval"
     (broken / "train" / "red circle").mkdir(parents=True)
     (broken / "test" / "red circle").mkdir(parents=True)
     result = runner.invoke(cli, ["finetune-and-probe", "--eval-task", str(world.task_file), "--eval-data", str(broken),
                                  "--out", str(out), "--train", str(world.manifest)])
-    assert result.exit_code == 2 and "missing split folder(s): val" in result.stderr and not out.exists()
+    assert_cli_error(result, "missing split folder(s): val", out)
     torch.save({"state_dict": {}, "name": "ViT-B-16"}, tmp_path / "vit.pt")
-    message = _bad(runner, world, out, "--init-from", str(tmp_path / "vit.pt"), train=world.manifest)
-    assert "is for model 'ViT-B-16', not 'tiny-clip'" in message
+    _bad(runner, world, out, "is for model 'ViT-B-16', not 'tiny-clip'", "--init-from", str(tmp_path / "vit.pt"), train=world.manifest)
     state = torch.load(reference.out / "checkpoints" / "best.pt", weights_only=True)
     state["state_dict"]["visual.proj"] = torch.zeros(64, 16)  # another embedding width
     torch.save(state, tmp_path / "other.pt")
-    assert "does not fit model 'tiny-clip'" in _bad(runner, world, out, "--init-from", str(tmp_path / "other.pt"), train=world.manifest)
-    assert "--mix has 2 weight(s)" in _bad(runner, world, out, "--mix", "0.5,0.5", train=world.manifest)
-    assert "--freeze-blocks must be in 0..5" in _bad(runner, world, out, "--freeze-blocks", "6", train=world.manifest)
+    _bad(runner, world, out, "does not fit model 'tiny-clip'", "--init-from", str(tmp_path / "other.pt"), train=world.manifest)
+    _bad(runner, world, out, "--mix has 2 weight(s)", "--mix", "0.5,0.5", train=world.manifest)
+    _bad(runner, world, out, "--freeze-blocks must be in 0..5", "--freeze-blocks", "6", train=world.manifest)
 
 
-def test_mixloss_and_frozen_layers_run(world, tmp_path):
+def test_mixloss_and_frozen_layers_run(world, tmp_path, monkeypatch):
+    from train.loop import Trainer
+
+    steps = []
+    accumulate = Trainer._accumulate
+
+    def recording(self, images, labels, sources):
+        steps.append((self.config.mix_loss, torch.bincount(sources, minlength=2).tolist()))
+        return accumulate(self, images, labels, sources)
+
+    monkeypatch.setattr(Trainer, "_accumulate", recording)
     synthetic = make_shape_world(tmp_path / "syn", CLASSES, per_class=6, eval_per_class=1, source="synthetic", seed=5)
     result = finetune_and_probe(
         train=[str(world.manifest), str(synthetic.manifest)], mix="0.5,0.5", mix_mode="loss", eval_task=str(world.task_file),
@@ -189,6 +199,8 @@ def test_mixloss_and_frozen_layers_run(world, tmp_path):
     assert report["model"]["layers"]["trained"] == ["head"] and report["model"]["layers"]["reinitialised"]
     assert report["n_train_images"] == 150 and {t["sources"].popitem()[0] for t in report["train"]} == {"retrieved", "synthetic"}
     assert report["settings"]["mix_mode"] == "loss"
+    # MixLoss: every batch of 32 holds a fixed 16 + 16 from the two sources, and the loss weighs each source's mean
+    assert steps == [(True, [16, 16])] * 5  # ceil(150 / 32) batches in the epoch
 
 
 def test_demo_finetune_writes_its_own_eval_folder(world, tmp_path):

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers_train import limit_threads
 
 from train.evaluate import classification_metrics
 from train.linear_probe import L2_GRID, fit_probe, sweep_l2
@@ -49,19 +48,26 @@ def _step_with(accum, mix_loss=False):
     torch.manual_seed(0)
     model = _Tiny()
     config = TrainConfig(epochs=1, lr=1e-2, warmup=0, batch_size=12, accum_steps=accum, mix_loss=mix_loss, grad_clip=0)
-    trainer = Trainer(model, model, config, steps_per_epoch=1)
+    micro_batches = []
+
+    def forward(x):
+        micro_batches.append(len(x))
+        return model(x)
+
+    trainer = Trainer(model, forward, config, steps_per_epoch=1)
     generator = torch.Generator().manual_seed(1)
     images, labels = torch.randn(12, 4, generator=generator), torch.randint(0, 3, (12,), generator=generator)
     sources = torch.tensor([0] * 9 + [1] * 3)
     loss = trainer._step(images, labels, sources)
-    return loss, [p.detach().clone() for p in model.parameters()]
+    return loss, [p.detach().clone() for p in model.parameters()], micro_batches
 
 
 @pytest.mark.parametrize("mix_loss", [False, True])
-def test_gradient_accumulation_matches_the_full_batch(mix_loss):
-    limit_threads()
-    loss_full, params_full = _step_with(1, mix_loss)
-    loss_acc, params_acc = _step_with(4, mix_loss)
+def test_gradient_accumulation_matches_the_full_batch(mix_loss, torch_one_thread):
+    loss_full, params_full, micro_full = _step_with(1, mix_loss)
+    loss_acc, params_acc, micro_acc = _step_with(4, mix_loss)
+    assert micro_full == [12]
+    assert micro_acc == [3, 3, 3, 3]  # the batch of 12 really is split into 4 micro-batches
     assert loss_acc == pytest.approx(loss_full, rel=1e-5)
     for a, b in zip(params_full, params_acc):
         assert torch.allclose(a, b, atol=1e-6)

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers_train import CLASSES, limit_threads
+from helpers_train import CLASSES
 
 from curate.errors import CurateError
 from curate.models import load_clip, text_classifier
@@ -17,9 +17,11 @@ from train.model import build_classifier, freeze_layers, layer_names, layer_of
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
 
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
 @pytest.fixture(scope="module")
-def bundle():
-    limit_threads()
+def bundle(torch_one_thread):
     return load_clip("tiny-clip", None)
 
 
@@ -79,10 +81,21 @@ def test_freeze_freezes_first_layers_and_reinitialises_exactly_the_rest(bundle, 
 def test_reinit_is_seeded_and_head_keeps_its_scale(bundle):
     _, first = _classifier(bundle)
     _, second = _classifier(bundle)
+    _, other = _classifier(bundle)
+
+    def block(classifier):
+        return classifier.visual.transformer.resblocks[3].attn.in_proj_weight
+
+    before = block(first).detach().clone()
     freeze_layers(first, 3, seed=7)
+    torch.manual_seed(123)  # the global RNG state must not matter, only the seed
     freeze_layers(second, 3, seed=7)
-    assert torch.equal(first.visual.transformer.resblocks[3].attn.in_proj_weight, second.visual.transformer.resblocks[3].attn.in_proj_weight)
+    freeze_layers(other, 3, seed=8)
+    assert not torch.equal(block(first), before)  # the block was re-initialised
+    assert torch.equal(block(first), block(second))
     assert torch.equal(first.head.weight, second.head.weight)
+    assert not torch.equal(block(first), block(other))  # another seed, other weights
+    assert not torch.equal(first.head.weight, other.head.weight)
     scale = first.zero_shot_weight.norm(dim=1).mean()
     assert torch.allclose(first.head.weight.norm(dim=1), torch.full((5,), float(scale)), rtol=0.05)
 
@@ -118,3 +131,5 @@ def test_checkpoint_loads_back_through_the_registry(bundle, tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CurateError, match="cannot read checkpoint"):
         read_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(CurateError, match="cannot load CLIP 'tiny-clip' with pretrained"):
+        load_clip("tiny-clip", str(tmp_path / "bad.pt"))

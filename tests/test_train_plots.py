@@ -45,7 +45,24 @@ def test_plot_scale_script(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("plot_scale: error: no report.json")
 
 
-def test_plot_history(tmp_path):
-    history = [{"epoch": 0, "val_head_top1": 0.2}, {"epoch": 1, "val_head_top1": 0.5, "val_linear_probe_top1": 0.9}]
+def test_plot_history(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    curves = []
+    plot = matplotlib.axes.Axes.plot
+
+    def recording(ax, *args, **kwargs):
+        curves.append((kwargs.get("label"), [list(a) for a in args]))
+        return plot(ax, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    history = [{"epoch": 2, "val_head_top1": 0.6, "val_linear_probe_top1": 0.95, "train_loss": 1.0},
+               {"epoch": 0, "val_head_top1": 0.2, "val_zero_shot_top1": 0.3},
+               {"epoch": 1, "val_head_top1": 0.5, "val_linear_probe_top1": 0.9}]
     path = plot_history(history, tmp_path / "v.png")
     assert path.stat().st_size > 1000
+    assert curves == [  # one curve per logged metric, sorted by epoch, over the epochs that logged it
+        ("linear probe", [[1, 2], [0.9, 0.95]]),
+        ("finetuned head", [[0, 1, 2], [0.2, 0.5, 0.6]]),
+        ("zero-shot", [[0], [0.3]]),
+    ]
