@@ -147,9 +147,11 @@ def stream_captions(con, source: MetadataFile, batch_rows: int) -> Iterator[pa.R
 
     No filter and no row-number column, so this costs little more than DuckDB's bare scan;
     NULL and empty captions come through (they can match no class) and are counted by the caller.
+    A caption that is not valid UTF-8 comes through with '?' for its bad bytes: one such row must not
+    stop a scan of billions (URLs, read in pass 2, stay strict: a mangled URL is worse than an error).
     """
     caption = quote_identifier(source.columns["caption"])
-    query = f"SELECT {caption} AS caption FROM read_parquet($path)"
+    query = f"SELECT {caption} AS caption FROM read_parquet($path, utf8_validation = 'replace')"
     yield from _run(con, query, {"path": source.path}, lambda relation: relation.to_arrow_reader(batch_rows))
 
 

@@ -242,6 +242,32 @@ def test_failure_midway_leaves_no_output(tmp_path, write_task, write_laion, runn
     assert_cli_error(result, "b.parquet", out)
 
 
+def _unchecked_strings(values: list[bytes]) -> pa.Array:
+    """A string array holding the given bytes as they are, invalid UTF-8 included (as some scrapes do)."""
+    raw = pa.array(values, pa.binary())
+    return pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+
+
+def test_invalid_utf8_caption_is_matched_with_its_bad_bytes_replaced(tmp_path, write_task):
+    path = tmp_path / "m.parquet"
+    captions = [b"a 737 \xff\xfe at the gate", b"an A320 here", b"caf\xe9 with no plane"]
+    pq.write_table(pa.table({"URL": ["u1", "u2", "u3"], "TEXT": _unchecked_strings(captions)}), path)
+    result = retrieve(task=write_task(TASK), metadata=[str(path)], out=tmp_path / "o")
+    rows = manifest_rows(tmp_path / "o")
+    assert rows["url"].tolist() == ["u1", "u2"]
+    assert rows["caption"].tolist() == ["a 737 ?? at the gate", "an A320 here"]
+    assert rows["class_name"].tolist() == ["737", "A320"]
+    assert result.funnel["rows_scanned"] == 3
+
+
+def test_invalid_utf8_url_is_one_clear_error(tmp_path, write_task, runner):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"URL": _unchecked_strings([b"http://h/\xff"]), "TEXT": ["a 737"]}), path)
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(path), "-o", str(out))
+    assert_cli_error(result, "is not valid UTF8", out)
+
+
 def test_hostile_class_and_column_names_end_to_end(tmp_path, write_task, runner):
     names = ["colt's foot", "F-16A/B", "c++ (beta)", 'say "cheese"', "Pokémon card", "50%_off; DROP TABLE x"]
     path = tmp_path / "hostile.parquet"
