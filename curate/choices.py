@@ -5,3 +5,5 @@ DATA_FOLDERS = {"files": "images", "webdataset": "shards"}  # download output fo
 RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")  # img2dataset's resize modes
 ENCODE_FORMATS = ("jpg", "png", "webp")  # formats a download saves images in
 FILTER_MODES = ("domain", "classname")  # what `curate filter` scores a row against
+MATCH_MODES = ("word", "substring")  # how `curate retrieve` matches a class term in a caption
+MULTI_CLASS = ("drop", "duplicate")  # what `curate retrieve` does with a caption naming several classes

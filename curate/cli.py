@@ -6,7 +6,14 @@ import sys
 
 import click
 
-from curate.choices import DATA_FOLDERS, ENCODE_FORMATS, FILTER_MODES, RESIZE_MODES
+from curate.choices import (
+    DATA_FOLDERS,
+    ENCODE_FORMATS,
+    FILTER_MODES,
+    MATCH_MODES,
+    MULTI_CLASS,
+    RESIZE_MODES,
+)
 from curate.console import CONTEXT, Group, configure_logging
 from curate.models import DEFAULT_CLIP
 
@@ -63,8 +70,8 @@ def tasks_show(name: str) -> None:
 @click.option("--task", "-t", required=True, help="Builtin task name or task file (YAML, or one class per line).")
 @click.option("--metadata", "-m", "metadata", required=True, multiple=True, help="Parquet file, folder or glob (repeatable).")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (manifest.parquet + report.json).")
-@click.option("--match", "match_mode", type=click.Choice(["word", "substring"]), default="word", show_default=True)
-@click.option("--multi-class", type=click.Choice(["drop", "duplicate"]), default="drop", show_default=True,
+@click.option("--match", "match_mode", type=click.Choice(MATCH_MODES), default="word", show_default=True)
+@click.option("--multi-class", type=click.Choice(MULTI_CLASS), default="drop", show_default=True,
               help="What to do with a caption naming several classes.")
 @click.option("--per-class-cap", type=click.IntRange(min=1), default=None, help="Keep at most N rows per class.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-class subset.")

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.choices import MATCH_MODES
 from curate.tasks import ClassSpec
 
-MATCH_MODES = ("word", "substring")
 _WHITESPACE = re.compile(r"\s+")
 _NOT_ALNUM_BEFORE = r"(?<![^\W_])"  # start of text, or a character that is not a letter or digit
 _NOT_ALNUM_AFTER = r"(?![^\W_])"

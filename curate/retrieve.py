@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from curate.choices import MATCH_MODES, MULTI_CLASS
 from curate.errors import CurateError
 from curate.matching import CaptionMatcher, ClassHit
 from curate.metadata import MetadataFile, expand_inputs, fetch_rows, inspect_file, prefetch, stream_captions
@@ -113,8 +114,10 @@ def retrieve(
     """
     started = time.perf_counter()
     task = load_task(task)
-    if multi_class not in ("drop", "duplicate"):
-        raise CurateError(f"--multi-class must be drop or duplicate, got {multi_class!r}")
+    if match_mode not in MATCH_MODES:
+        raise CurateError(f"--match must be one of {', '.join(MATCH_MODES)}, got {match_mode!r}")
+    if multi_class not in MULTI_CLASS:
+        raise CurateError(f"--multi-class must be one of {', '.join(MULTI_CLASS)}, got {multi_class!r}")
     filters = QualityFilters(max_punsafe, max_pwatermark, min_side)
     sources = [inspect_file(path, url_col, caption_col) for path in expand_inputs(metadata)]
     _check_filter_columns(sources, filters)

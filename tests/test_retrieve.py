@@ -12,6 +12,7 @@ import pytest
 from helpers_cli import assert_cli_error
 
 from curate.cli import cli
+from curate.errors import CurateError
 from curate.retrieve import retrieve
 from manifests import read_manifest, uid_for_url
 
@@ -75,6 +76,17 @@ def test_multi_class_duplicate_emits_one_row_per_class(tmp_path, write_task, wri
     assert rows["uid"].is_unique
     assert rows["uid"].tolist()[:2] == [uid_for_url("u1", 2), uid_for_url("u1", 0)]
     assert result.funnel["ambiguous"] == 1 and result.funnel["ambiguous_extra_rows"] == 1
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("match_mode", "regex", "--match must be one of word, substring, got 'regex'"),
+    ("multi_class", "keep", "--multi-class must be one of drop, duplicate, got 'keep'"),
+])
+def test_bad_choice_from_python_is_a_curate_error_and_writes_nothing(tmp_path, write_task, write_laion, option, value, message):
+    meta = write_laion([("u1", "a 737")])
+    with pytest.raises(CurateError, match=message):
+        retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "o", **{option: value})
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_file_whose_captions_are_all_null(tmp_path, write_task, write_laion):
