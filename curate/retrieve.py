@@ -142,27 +142,39 @@ def _check_filter_columns(sources: list[MetadataFile], filters: QualityFilters) 
 
 def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task, multi_class: str, threads) -> _Collected:
     """Pass 1 (captions) runs on `threads` DuckDB threads; after each run of whole row groups, pass 2 (url
-    and metadata of the rows it matched) is queued on a one-thread connection in the background, so the
+    and metadata of the rows it matched) is queued on a second connection in a background thread, so the
     two overlap down to the last row group. Results are collected in queue order, i.e. input order."""
     import duckdb
 
+    threads = threads or os.cpu_count() or 1
     collected = _Collected()
-    with duckdb.connect(config={"threads": threads or os.cpu_count() or 1}) as con, \
-            duckdb.connect(config={"threads": 1}) as details_con, \
+    with duckdb.connect(config={"threads": threads}) as con, \
             concurrent.futures.ThreadPoolExecutor(1) as fetcher, tqdm(
             total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None) as bar:
+        # opened in the background thread, off the path to the first batch; with as many threads as pass 1,
+        # so that the pass 2 left when pass 1 ends (the last row groups) runs on every core
+        details_con = fetcher.submit(duckdb.connect, config={"threads": threads})
         pending: collections.deque = collections.deque()
-        # room for a few batches, so DuckDB keeps decoding while this process matches the previous ones
-        con.execute(f"SET streaming_buffer_size = '{STREAM_BUFFER_MB}MB'")
-        for index, source in enumerate(sources, start=1):
-            bar.set_postfix_str(f"file {index}/{len(sources)}")
-            for chunk in _match_file(con, source, matcher, collected.funnel, bar):
-                pending.append((fetcher.submit(_details, details_con, source, chunk), chunk.hits))
-                while pending and pending[0][0].done():
-                    _collect_next(pending, filters, task, multi_class, collected)
-        while pending:
-            _collect_next(pending, filters, task, multi_class, collected)
+        try:
+            # room for a few batches, so DuckDB keeps decoding while this process matches the previous ones
+            con.execute(f"SET streaming_buffer_size = '{STREAM_BUFFER_MB}MB'")
+            for index, source in enumerate(sources, start=1):
+                bar.set_postfix_str(f"file {index}/{len(sources)}")
+                for chunk in _match_file(con, source, matcher, collected.funnel, bar):
+                    pending.append((fetcher.submit(_details, details_con, source, chunk), chunk.hits))
+                    while pending and pending[0][0].done():
+                        _collect_next(pending, filters, task, multi_class, collected)
+            while pending:
+                _collect_next(pending, filters, task, multi_class, collected)
+        finally:
+            for future, _ in pending:
+                future.cancel()
+            fetcher.submit(_close, details_con)  # queued after every pass 2 still running
     return collected
+
+
+def _close(connection: concurrent.futures.Future) -> None:
+    connection.result().close()
 
 
 def _collect_next(pending: collections.deque, filters: QualityFilters, task: Task, multi_class: str, collected: _Collected) -> None:
@@ -186,9 +198,9 @@ class _Matches:
         return head
 
 
-def _details(con, source: MetadataFile, matches: _Matches) -> pa.Table:
+def _details(connection: concurrent.futures.Future, source: MetadataFile, matches: _Matches) -> pa.Table:
     """Pass 2: url and carried columns of the matched rows, with their captions."""
-    return fetch_rows(con, source, matches.rows).append_column("caption", pa.array(matches.captions, pa.string()))
+    return fetch_rows(connection.result(), source, matches.rows).append_column("caption", pa.array(matches.captions, pa.string()))
 
 
 def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict, bar) -> Iterator[_Matches]:
