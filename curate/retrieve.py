@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,21 +22,23 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from curate.choices import MATCH_MODES, MULTI_CLASS
 from curate.errors import CurateError
 from curate.matching import CaptionMatcher, ClassHit
-from curate.metadata import MetadataFile, expand_inputs, fetch_rows, inspect_file, prefetch, stream_captions
+from curate.metadata import CARRIED_COLUMNS, MetadataFile, expand_inputs, fetch_rows, inspect_file, prefetch, stream_captions
 from curate.tasks import Task, load_task
-from manifests import seeded_subset_per_class, staged_output_dir, uid_for_url, write_manifest, write_report
+from manifests import ManifestWriter, staged_output_dir, uid_for_url, write_report
 from manifests.io import MANIFEST_NAME
-from manifests.schema import conform, empty_table
+from manifests.uid import seeded_ranks, subset_per_class_by_rank
 
 log = logging.getLogger(__name__)
 BATCH_ROWS = 1 << 20  # captions per Arrow batch of pass 1
 PASS2_ROWS = 1 << 20  # pass 2 runs once per this many rows (whole row groups) of a file
 STREAM_BUFFER_MB = 128
+MAX_PENDING = 2  # pass-2 runs queued at most; beyond, pass 1 waits
 FUNNEL_KEYS = ("rows_scanned", "skipped_empty", "candidates", "matched", "ambiguous", "ambiguous_extra_rows",
                "filtered_quality", "duplicates", "capped", "kept")
 
@@ -78,9 +81,10 @@ class RetrieveResult:
 
 @dataclasses.dataclass
 class _Collected:
-    """Matched rows in input order, as small Arrow tables, plus the running funnel counts."""
+    """Where the matched rows go (in input order), with the running funnel and per-class counts."""
 
-    tables: list[pa.Table] = dataclasses.field(default_factory=list)
+    writer: ManifestWriter
+    per_class: np.ndarray
     seen_urls: set[str] = dataclasses.field(default_factory=set)
     funnel: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(FUNNEL_KEYS, 0))
 
@@ -123,11 +127,17 @@ def retrieve(
     _check_filter_columns(sources, filters)
     matcher = CaptionMatcher(task.classes, mode=match_mode, threads=threads)
     with staged_output_dir(out, overwrite=overwrite) as staging:
-        collected = _scan(sources, matcher, filters, task, multi_class, threads)
-        table = _finish(collected, task, per_class_cap, seed)
-        write_manifest(table, staging / MANIFEST_NAME)
+        manifest = staging / MANIFEST_NAME
+        # matched rows go to disk as they come (memory holds only the URLs seen); a cap reads them back once
+        scanned = manifest if per_class_cap is None else staging / ".uncapped.parquet"
+        with ManifestWriter(scanned, _manifest_columns(sources)) as writer:
+            collected = _Collected(writer, np.zeros(len(task.classes), dtype=np.int64))
+            _scan(sources, matcher, filters, task, multi_class, threads, collected)
+        if per_class_cap is not None:
+            _cap_per_class(scanned, manifest, per_class_cap, seed, collected)
+        collected.funnel["kept"] = int(collected.per_class.sum())
         seconds = time.perf_counter() - started
-        per_class = _per_class_counts(table, task)
+        per_class = dict(zip(task.class_names, collected.per_class.tolist()))
         write_report(staging, _report(task, sources, filters, collected.funnel, per_class, seconds, locals_=dict(
             match=match_mode, multi_class=multi_class, per_class_cap=per_class_cap, seed=seed, engine=matcher.engine)))
     return RetrieveResult(Path(out), collected.funnel, per_class, seconds, matcher.engine)
@@ -140,14 +150,20 @@ def _check_filter_columns(sources: list[MetadataFile], filters: QualityFilters) 
                 raise CurateError(f"a quality filter needs a '{column}' column, which {source.path} does not have")
 
 
-def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task, multi_class: str, threads) -> _Collected:
+def _manifest_columns(sources: list[MetadataFile]) -> list[str]:
+    """The manifest's columns: ours, then every carried column that at least one input file has."""
+    carried = [name for name in CARRIED_COLUMNS if any(name in source.columns for source in sources)]
+    return ["uid", "label", "class_name", "source", "caption", "url", "matched_text", *carried]
+
+
+def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task, multi_class: str, threads,
+          collected: _Collected) -> None:
     """Pass 1 (captions) runs on `threads` DuckDB threads; after each run of whole row groups, pass 2 (url
     and metadata of the rows it matched) is queued on a second connection in a background thread, so the
     two overlap down to the last row group. Results are collected in queue order, i.e. input order."""
     import duckdb
 
     threads = threads or os.cpu_count() or 1
-    collected = _Collected()
     with duckdb.connect(config={"threads": threads}) as con, \
             concurrent.futures.ThreadPoolExecutor(1) as fetcher, tqdm(
             total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None) as bar:
@@ -162,7 +178,8 @@ def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task,
                 bar.set_postfix_str(f"file {index}/{len(sources)}")
                 for chunk in _match_file(con, source, matcher, collected.funnel, bar):
                     pending.append((fetcher.submit(_details, details_con, source, chunk), chunk.hits))
-                    while pending and pending[0][0].done():
+                    # collect what pass 2 has done; wait for it if it falls behind (memory stays bounded)
+                    while pending and (pending[0][0].done() or len(pending) > MAX_PENDING):
                         _collect_next(pending, filters, task, multi_class, collected)
             while pending:
                 _collect_next(pending, filters, task, multi_class, collected)
@@ -170,7 +187,6 @@ def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task,
             for future, _ in pending:
                 future.cancel()
             fetcher.submit(_close, details_con)  # queued after every pass 2 still running
-    return collected
 
 
 def _close(connection: concurrent.futures.Future) -> None:
@@ -269,7 +285,8 @@ def _collect(details: pa.Table, hits: list[list[ClassHit]], filters: QualityFilt
             labels.append(hit.class_index)
             texts.append(hit.matched_text)
     if take:
-        collected.tables.append(_rows_table(details, take, labels, texts, task))
+        collected.writer.write(_rows_table(details, take, labels, texts, task))
+        collected.per_class += np.bincount(labels, minlength=len(collected.per_class))
 
 
 def quality_mask(batch: pa.RecordBatch, filters: QualityFilters) -> pa.BooleanArray | None:
@@ -311,27 +328,25 @@ def _rows_table(details: pa.Table, take: list[int], labels: list[int], texts: li
     return pa.table(columns)
 
 
-def _finish(collected: _Collected, task: Task, per_class_cap: int | None, seed: int) -> pa.Table:
-    base = ["uid", "label", "class_name", "source", "caption", "url", "matched_text"]
-    tables = [conform(t) for t in collected.tables]
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else empty_table(base)
-    if per_class_cap is not None:
-        before = table.num_rows
-        table = cap_per_class(table, per_class_cap, seed)
-        collected.funnel["capped"] = before - table.num_rows
-    collected.funnel["kept"] = table.num_rows
-    return table
-
-
-def cap_per_class(table: pa.Table, cap: int, seed: int) -> pa.Table:
-    """At most `cap` rows per label: those with the smallest seeded hash of their uid; input order kept."""
-    uids, labels = table.column("uid").to_pylist(), table.column("label").to_numpy()
-    return table.filter(pa.array(seeded_subset_per_class(uids, labels, seed, lambda n: min(n, cap))))
-
-
-def _per_class_counts(table: pa.Table, task: Task) -> dict[str, int]:
-    counts = np.bincount(table.column("label").to_numpy(), minlength=len(task.classes)) if table.num_rows else [0] * len(task.classes)
-    return {name: int(count) for name, count in zip(task.class_names, counts)}
+def _cap_per_class(scanned: Path, manifest: Path, cap: int, seed: int, collected: _Collected) -> None:
+    """At most `cap` rows per label: those with the smallest seeded hash of their uid, in input order.
+    The scanned rows are read back a row group at a time (their uids once, as 8-byte ranks)."""
+    with contextlib.closing(pq.ParquetFile(scanned)) as rows:
+        groups = range(rows.num_row_groups)
+        heads = [rows.read_row_group(i, columns=["uid", "label"]) for i in groups]
+        ranks = np.concatenate([seeded_ranks(h.column("uid").to_pylist(), seed) for h in heads] or [np.zeros(0, np.uint64)])
+        labels = np.concatenate([h.column("label").to_numpy() for h in heads] or [np.zeros(0, np.int32)])
+        del heads
+        keep = subset_per_class_by_rank(ranks, labels, lambda n: min(n, cap))
+        with ManifestWriter(manifest, rows.schema_arrow.names) as writer:
+            start = 0
+            for i in groups:
+                group = rows.read_row_group(i)
+                writer.write(group.filter(pa.array(keep[start : start + group.num_rows])))
+                start += group.num_rows
+    scanned.unlink()
+    collected.funnel["capped"] = len(keep) - int(keep.sum())
+    collected.per_class = np.bincount(labels[keep], minlength=len(collected.per_class))
 
 
 def _report(task: Task, sources, filters: QualityFilters, funnel, per_class, seconds: float, locals_: dict) -> dict:

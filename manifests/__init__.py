@@ -1,6 +1,7 @@
 """The manifest: schema, reading/writing, reports, uids and exporters (DESIGN §4)."""
 
 from manifests.io import (
+    ManifestWriter,
     manifest_dir,
     read_manifest,
     read_report,
@@ -14,6 +15,7 @@ from manifests.uid import hashed_subset_rank, seeded_ranks, seeded_subset_per_cl
 
 __all__ = [
     "COLUMNS",
+    "ManifestWriter",
     "IMAGE_COLUMNS",
     "IMAGE_LOCATION_COLUMNS",
     "REQUIRED_COLUMNS",

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from manifests.schema import validate
+from manifests.schema import manifest_schema, validate
 
 MANIFEST_NAME = "manifest.parquet"
 REPORT_NAME = "report.json"
+ROW_GROUP_ROWS = 64 * 1024  # rows per row group of a manifest written piece by piece
 _VERSIONED_PACKAGES = ("curate", "duckdb", "pyarrow", "hyperscan", "torch", "open_clip_torch", "img2dataset", "diffusers")
 
 
@@ -49,6 +50,66 @@ def write_manifest(table: pa.Table, path: str | os.PathLike) -> pa.Table:
     table = validate(table)
     atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return table
+
+
+class ManifestWriter:
+    """A manifest written piece by piece, for a stage whose rows need not all be in memory at once.
+
+    Each piece is validated and conformed to `columns` (a column a piece lacks is NULL there). Rows go
+    out in row groups of `row_group_rows` (default ROW_GROUP_ROWS) whatever the pieces' sizes, so the bytes depend only on the
+    rows. The file appears at `path` when the writer is closed, and never if the block raised.
+    """
+
+    def __init__(self, path: str | os.PathLike, columns: Iterable[str], row_group_rows: int | None = None):
+        self.path = Path(path)
+        self.schema = manifest_schema(columns)
+        self.rows = 0
+        self._row_group_rows = row_group_rows or ROW_GROUP_ROWS
+        self._held: list[pa.Table] = []
+        self._held_rows = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
+
+    def write(self, table: pa.Table) -> None:
+        missing = {name: pa.nulls(table.num_rows, self.schema.field(name).type)
+                   for name in self.schema.names if name not in table.column_names}
+        for name, column in missing.items():
+            table = table.append_column(name, column)
+        table = validate(table).select(self.schema.names).cast(self.schema)
+        self._held.append(table)
+        self._held_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._held_rows >= self._row_group_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._held:
+            return
+        held = pa.concat_tables(self._held)
+        whole = held.num_rows if final else held.num_rows - held.num_rows % self._row_group_rows
+        if whole:
+            self._writer.write_table(held.slice(0, whole), row_group_size=self._row_group_rows)
+        self._held = [held.slice(whole)]
+        self._held_rows = held.num_rows - whole
+
+    def close(self) -> None:
+        self._flush(final=True)
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        self._writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:

@@ -7,6 +7,8 @@ schema does not know are carried through unchanged, after the known ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -89,6 +91,15 @@ def validate(table: pa.Table, where: str = "manifest") -> pa.Table:
     if unknown:
         raise CurateError(f"{where} has unknown source value(s) {sorted(unknown)}; expected one of {SOURCES}")
     return table
+
+
+def manifest_schema(columns: Iterable[str]) -> pa.Schema:
+    """The schema of a manifest with these (known) columns, in the manifest's column order."""
+    wanted = set(columns)
+    unknown = wanted - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"not manifest columns: {sorted(unknown)}")
+    return pa.schema([pa.field(name, kind) for name, kind in COLUMNS.items() if name in wanted])
 
 
 def empty_table(columns: list[str]) -> pa.Table:

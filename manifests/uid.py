@@ -42,8 +42,12 @@ def seeded_subset_per_class(uids: Sequence[str], labels: np.ndarray, seed: int, 
 
     A smaller size keeps a subset of what a larger one keeps (data-reduction sweeps nest).
     """
+    return subset_per_class_by_rank(seeded_ranks(uids, seed), labels, size)
+
+
+def subset_per_class_by_rank(ranks: np.ndarray, labels: np.ndarray, size: Callable[[int], int]) -> np.ndarray:
+    """`seeded_subset_per_class` from ranks already computed (e.g. piece by piece, for rows not all in memory)."""
     labels = np.asarray(labels)
-    ranks = seeded_ranks(uids, seed)
     keep = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)

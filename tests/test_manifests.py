@@ -8,6 +8,7 @@ import pytest
 
 from curate.errors import CurateError
 from manifests import (
+    ManifestWriter,
     hashed_subset_rank,
     read_manifest,
     staged_output_dir,
@@ -47,6 +48,52 @@ def test_validation_errors(tmp_path, bad, message):
     with pytest.raises(CurateError) as error:
         read_manifest(tmp_path / "m.parquet")
     assert message in str(error.value)
+
+
+def rows(n, start=0):
+    return pa.table({"uid": [f"u{i}" for i in range(start, start + n)], "label": [i % 3 for i in range(start, start + n)],
+                     "class_name": ["x"] * n, "source": ["retrieved"] * n, "caption": [f"c{i}" for i in range(start, start + n)]})
+
+
+def test_writer_row_groups_do_not_depend_on_how_rows_were_split(tmp_path):
+    splits = {"one": [(0, 25)], "many": [(0, 3), (3, 1), (4, 0), (4, 17), (21, 4)]}
+    for name, pieces in splits.items():
+        with ManifestWriter(tmp_path / name / "manifest.parquet", ["uid", "label", "class_name", "source", "caption"], row_group_rows=10) as writer:
+            for start, count in pieces:
+                writer.write(rows(count, start))
+        assert writer.rows == 25
+        meta = pq.read_metadata(tmp_path / name / "manifest.parquet")
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [10, 10, 5]
+    assert (tmp_path / "one" / "manifest.parquet").read_bytes() == (tmp_path / "many" / "manifest.parquet").read_bytes()
+    assert read_manifest(tmp_path / "one").column("uid").to_pylist() == [f"u{i}" for i in range(25)]
+
+
+def test_writer_fills_a_column_a_piece_lacks_with_nulls_and_orders_columns(tmp_path):
+    with ManifestWriter(tmp_path / "m.parquet", ["hash", "caption", "uid", "label", "class_name", "source", "url"]) as writer:
+        writer.write(rows(2).append_column("url", pa.array(["a", "b"])))
+        writer.write(rows(1, 2).append_column("hash", pa.array([7], pa.int64())))
+    written = read_manifest(tmp_path / "m.parquet")
+    assert written.column_names == ["uid", "label", "class_name", "source", "caption", "url", "hash"]
+    assert written.column("url").to_pylist() == ["a", "b", None]
+    assert written.column("hash").to_pylist() == [None, None, 7]
+
+
+def test_writer_with_no_rows_writes_an_empty_manifest_with_its_columns(tmp_path):
+    with ManifestWriter(tmp_path / "m.parquet", ["uid", "label", "class_name", "source", "caption", "url"]):
+        pass
+    written = read_manifest(tmp_path / "m.parquet")
+    assert written.num_rows == 0 and written.column_names[-1] == "url"
+
+
+def test_writer_leaves_nothing_when_the_block_fails_or_a_piece_is_invalid(tmp_path):
+    with pytest.raises(RuntimeError), ManifestWriter(tmp_path / "a.parquet", ["uid", "label", "class_name", "source", "caption"]) as writer:
+        writer.write(rows(3))
+        raise RuntimeError("killed")
+    with pytest.raises(CurateError, match="negative label"), \
+            ManifestWriter(tmp_path / "b.parquet", ["uid", "label", "class_name", "source", "caption"]) as writer:
+        writer.write(rows(2))
+        writer.write(table(label=[0, -1]))
+    assert os.listdir(tmp_path) == []
 
 
 def test_unreadable_and_missing_manifest(tmp_path):

@@ -14,7 +14,7 @@ from helpers_cli import assert_cli_error
 from curate.cli import cli
 from curate.errors import CurateError
 from curate.retrieve import retrieve
-from manifests import read_manifest, uid_for_url
+from manifests import read_manifest, seeded_subset_per_class, uid_for_url
 
 TASK = {"name": "planes", "classes": ["737", "737-800", "A320", {"name": "rose", "require_any": ["flower"]}]}
 
@@ -142,6 +142,33 @@ def test_per_class_cap_is_seeded_and_deterministic(tmp_path, write_task, write_l
         picks.append(rows["url"].tolist())
     assert picks[0] == picks[1]
     assert picks[0] != picks[2]
+
+
+def test_cap_over_many_row_groups_keeps_what_an_in_memory_cap_keeps(tmp_path, write_task, write_laion, monkeypatch):
+    import manifests.io
+
+    monkeypatch.setattr(manifests.io, "ROW_GROUP_ROWS", 7)
+    meta = write_laion([(f"u{i}", ["737", "A320", "a 737-800 here"][i % 3]) for i in range(60)])
+    task = write_task(TASK)
+    retrieve(task=task, metadata=[str(meta)], out=tmp_path / "all")
+    result = retrieve(task=task, metadata=[str(meta)], out=tmp_path / "capped", per_class_cap=6, seed=3)
+    assert pq.read_metadata(tmp_path / "all" / "manifest.parquet").num_row_groups == 9
+    everything = read_manifest(tmp_path / "all")
+    keep = seeded_subset_per_class(everything.column("uid").to_pylist(), everything.column("label").to_numpy(), 3, lambda n: min(n, 6))
+    assert read_manifest(tmp_path / "capped").equals(everything.filter(pa.array(keep)))
+    assert result.per_class == {"737": 6, "737-800": 6, "A320": 6, "rose": 0}
+    assert result.funnel["capped"] == 42 and result.funnel["kept"] == 18
+    assert sorted(p.name for p in (tmp_path / "capped").iterdir()) == ["manifest.parquet", "report.json"]
+
+
+def test_laion_and_datacomp_files_together_give_every_carried_column(tmp_path, write_task, write_laion):
+    write_laion([("l1", "an A320")], name="a.parquet", hash=pa.array([11], pa.int64()))
+    pq.write_table(pa.table({"uid": ["x1"], "url": ["d1"], "text": ["a 737"]}), tmp_path / "meta" / "b.parquet")
+    retrieve(task=write_task(TASK), metadata=[str(tmp_path / "meta")], out=tmp_path / "o")
+    rows = read_manifest(tmp_path / "o")
+    assert rows.column("url").to_pylist() == ["l1", "d1"]
+    assert rows.column("hash").to_pylist() == [11, None]
+    assert rows.column("source_uid").to_pylist() == [None, "x1"]
 
 
 def test_two_runs_give_identical_manifest_bytes(tmp_path, write_task, write_laion):
