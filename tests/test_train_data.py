@@ -153,3 +153,19 @@ def test_train_sources_keep_fraction_and_provenance(tmp_path):
     assert source.rows_total == 40 and source.rows == 10
     assert Counter(source.labels.tolist()) == {0: 5, 1: 5}
     assert source.provenance == {"stage": "download", "task": "t"}
+
+
+def test_manifest_dataset_reads_each_rows_own_image_across_table_chunks(tmp_path):
+    from PIL import Image
+
+    from train.data import ManifestDataset, TrainSource
+
+    for i in range(5):
+        Image.new("RGB", (10 + i, 4)).save(tmp_path / f"{i}.png")
+    parts = [pa.Table.from_pylist([_row(i, CLASSES[i % 2]) for i in chunk]) for chunk in ([0, 1], [2, 3, 4])]
+    table = pa.concat_tables(parts)
+    assert table.column("uid").num_chunks == 2
+    source = TrainSource(tmp_path / "manifest.parquet", tmp_path, table, np.array([7, 8, 9, 10, 11]), 5, {})
+    dataset = ManifestDataset(source, transform=lambda image: image.size, source_index=3)
+    assert len(dataset) == 5
+    assert [dataset[i] for i in (4, 0, 2)] == [((14, 4), 11, 3), ((10, 4), 7, 3), ((12, 4), 9, 3)]
