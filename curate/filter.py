@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HIST_BINS = 40
 MAX_LISTED_UNREADABLE = 1000
+EMBEDDINGS_SPILL = ".embeddings.npy"  # in the staging folder, while a run with --decontaminate scores
 
 
 @dataclasses.dataclass
@@ -66,7 +67,7 @@ class _Scored:
     scores: np.ndarray
     unreadable: dict[int, str]
     missing: np.ndarray
-    embeddings: np.ndarray | None = None  # float16 (n, d), kept only for decontamination
+    embeddings: np.ndarray | None = None  # float16 (n, d), kept only for decontamination, in a file (see _new_scored)
     phash: np.ndarray | None = None  # uint8 (n, 8), image path only
 
 
@@ -130,18 +131,20 @@ def filter_images(
         bundle = load_clip(clip_model, pretrained, device)
         text, texts = _text_matrix(bundle, task_obj, mode, device)
         columns = table.column("label").to_numpy() if mode == "classname" else None
-        keep_extra = decontaminate is not None
+        spill = stage / EMBEDDINGS_SPILL if decontaminate is not None else None
         if embeddings is not None:
-            scored = _score_precomputed(table, Path(embeddings), text, columns, keep_extra, bundle.name)
+            scored = _score_precomputed(table, Path(embeddings), text, columns, spill, bundle.name)
         else:
             reader = dict(batch_size=batch_size, workers=workers, device=device)
-            scored = _score_images(table, manifest_dir, bundle, text, columns, keep_extra, reader)
+            scored = _score_images(table, manifest_dir, bundle, text, columns, spill, reader)
         selection = _select(table, scored, threshold, percentile, per_class_cap, seed)
         decon = None
         if decontaminate is not None:
             decon = _run_decontamination(table, manifest_dir, decontaminate, scored, selection, bundle,
                                          dict(phash_distance=phash_distance, cosine_threshold=cosine_threshold,
                                               batch_size=batch_size, workers=workers, device=device))
+            scored.embeddings = None
+            spill.unlink(missing_ok=True)
         kept = cap_per_class(selection.keep, scored.scores, selection.labels, selection.tiebreak, per_class_cap)
         settings = dict(task=task_obj, model=(clip_model, pretrained), device=device, mode=mode, texts=texts,
                         threshold=threshold, percentile=percentile, per_class_cap=per_class_cap, seed=seed,
@@ -231,19 +234,29 @@ def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None, blo
     return out.numpy()
 
 
-def _new_scored(n: int, dim: int, keep_extra: bool, with_phash: bool) -> _Scored:
+def _new_scored(n: int, dim: int, spill: Path | None, with_phash: bool) -> _Scored:
+    """Empty results for n rows. With `spill` (decontamination to come), every row's embedding is kept too, in
+    a memory-mapped file there: 10 M rows of ViT-B-16 are 10 GB, of which decontamination reads only the
+    rows that pass the score rule."""
     return _Scored(
         scores=np.full(n, np.nan, dtype=np.float32),
         unreadable={},
         missing=np.zeros(n, dtype=bool),
-        embeddings=np.zeros((n, dim), dtype=np.float16) if keep_extra else None,
-        phash=np.zeros((n, 8), dtype=np.uint8) if keep_extra and with_phash else None,
+        embeddings=None if spill is None else _spilled_zeros(spill, (n, dim)),
+        phash=np.zeros((n, 8), dtype=np.uint8) if spill is not None and with_phash else None,
     )
 
 
-def _score_images(table, manifest_dir, bundle, text, columns, keep_extra, reader) -> _Scored:
+def _spilled_zeros(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    if shape[0] == 0:  # a zero-length file cannot be mapped
+        return np.zeros(shape, dtype=np.float16)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+
+
+def _score_images(table, manifest_dir, bundle, text, columns, spill: Path | None, reader) -> _Scored:
     rows = image_rows(table)
-    scored = _new_scored(len(rows), text.shape[0], keep_extra, with_phash=True)
+    keep_extra = spill is not None
+    scored = _new_scored(len(rows), text.shape[0], spill, with_phash=True)
     dataset = ImageRows(rows, manifest_dir, bundle.preprocess_val, bundle.image_size, with_phash=keep_extra)
     for indices, feats, digests, errors, ok in iter_image_embeddings(bundle, dataset, desc="clip score", **reader):
         for index, error in zip(indices[~ok], np.asarray(errors, dtype=object)[~ok]):
@@ -260,13 +273,13 @@ def _score_images(table, manifest_dir, bundle, text, columns, keep_extra, reader
     return scored
 
 
-def _score_precomputed(table, emb_dir: Path, text, columns, keep_extra: bool, model_name: str) -> _Scored:
+def _score_precomputed(table, emb_dir: Path, text, columns, spill: Path | None, model_name: str) -> _Scored:
     if not emb_dir.is_dir():
         raise CurateError(f"embeddings folder not found: {emb_dir}")
-    scored = _new_scored(table.num_rows, text.shape[0], keep_extra, with_phash=False)
+    scored = _new_scored(table.num_rows, text.shape[0], spill, with_phash=False)
     for rows, feats in iter_precomputed(table, emb_dir, text.shape[0], model_name):
         scored.scores[rows] = score_embeddings(feats, text, None if columns is None else columns[rows])
-        if keep_extra:
+        if spill is not None:
             norms = np.linalg.norm(feats.astype(np.float32), axis=1, keepdims=True).clip(1e-12)
             scored.embeddings[rows] = feats / norms
     scored.missing = np.isnan(scored.scores)

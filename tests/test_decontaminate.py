@@ -11,6 +11,7 @@ the default radius 4 is tested on synthetic hashes.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -79,6 +80,28 @@ def test_filter_drops_exactly_the_planted_duplicates(planted, tmp_path):
     assert report["counts"] == {"eval_phash": 2, "eval_clip": 0, "train_phash": 1, "train_clip": 0,
                                 "unreadable": 0, "dropped": 3, "kept": 9}
     assert report["eval_images"] == 6 and len(report["pairs"]) == 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "decontamination.parquet", "manifest.parquet", "report.json", "score_hist.png"]  # the embeddings file is gone
+
+
+def test_training_embeddings_wait_in_a_file_beside_the_output_not_in_memory(planted, tmp_path, monkeypatch):
+    import curate.filter as filter_module
+
+    task, manifest, eval_dir, _ = planted
+    seen = []
+    original = filter_module._run_decontamination
+
+    def spy(table, manifest_dir, eval_dir, scored, *rest):
+        seen.append((type(scored.embeddings), scored.embeddings.filename, scored.embeddings.shape))
+        return original(table, manifest_dir, eval_dir, scored, *rest)
+
+    monkeypatch.setattr(filter_module, "_run_decontamination", spy)
+    result = filter_images(task, manifest, tmp_path / "out", threshold=-1, decontaminate=eval_dir,
+                           cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
+    [(kind, filename, shape)] = seen
+    assert kind is np.memmap and shape[0] == 12
+    assert Path(filename).name == filter_module.EMBEDDINGS_SPILL and Path(filename).parent.parent == tmp_path
+    assert not Path(filename).exists() and result.counts["decontaminated"] == 3
 
 
 def test_relative_paths_from_the_working_folder(planted, tmp_path, monkeypatch):
