@@ -80,7 +80,7 @@ def tasks_show(name: str) -> None:
 @click.option("--max-punsafe", type=click.FloatRange(0, 1), default=None, help="Drop rows with punsafe above this.")
 @click.option("--max-pwatermark", type=click.FloatRange(0, 1), default=None, help="Drop rows with pwatermark above this.")
 @click.option("--min-side", type=click.IntRange(min=1), default=None, help="Drop images whose shorter side is below N px.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the caption scan and the matcher (default: all cores); one more reads url and metadata of matched rows.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the caption scan, the matcher and the read of matched rows' url and metadata (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def retrieve(**options) -> None:
     """Find captions naming the task's classes in LAION-style parquet metadata.
