@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ class ImageRows:
     never stops a run. Plain class (no torch import here) so DataLoader workers can pickle it.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], base_dir: Path, preprocess, image_size: int, with_phash: bool):
+    def __init__(self, rows: Sequence[dict[str, Any]], base_dir: Path, preprocess, image_size: int, with_phash: bool):
         self.rows, self.base_dir, self.preprocess = rows, Path(base_dir), preprocess
         self.image_size, self.with_phash = image_size, with_phash
 

@@ -46,10 +46,37 @@ def image_layout(table: pa.Table) -> str:
     raise CurateError(NO_IMAGES)
 
 
-def image_rows(table: pa.Table) -> list[dict[str, Any]]:
+class ImageRowsView:
+    """uid + image location of every row (what `open_image` needs), in manifest order: `rows[i]` is row i's dict.
+
+    The columns stay Arrow arrays and a dict is built per access: a list of row dicts costs ~400 B a row,
+    and DataLoader workers would copy its pages as they touch the objects' reference counts.
+    """
+
+    def __init__(self, table: pa.Table):
+        location = ["image_path"] if image_layout(table) == "files" else ["shard", "key"]
+        self._columns = {name: _one_array(table.column(name)) for name in ["uid", *location]}
+        self._length = table.num_rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self._length:
+            raise IndexError(index)
+        return {name: column[index].as_py() for name, column in self._columns.items()}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[index] for index in range(self._length))
+
+
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def image_rows(table: pa.Table) -> ImageRowsView:
     """uid + image location of every row (what `open_image` needs), in manifest order."""
-    location = ["image_path"] if image_layout(table) == "files" else ["shard", "key"]
-    return table.select(["uid", *location]).to_pylist()
+    return ImageRowsView(table)
 
 
 def rebase_images(table: pa.Table, from_dir: str | os.PathLike, to_dir: str | os.PathLike) -> pa.Table:

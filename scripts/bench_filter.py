@@ -110,6 +110,7 @@ def time_core(emb_dir: Path, manifest: Path, dim: int) -> float:
     """The filter's scoring of precomputed embeddings (domain mode), without model, report or output."""
     from curate.embeddings import iter_precomputed
     from curate.filter import score_embeddings
+    from manifests.images import image_rows
     from manifests.io import read_manifest
 
     table = read_manifest(manifest)
@@ -198,13 +199,14 @@ def bench_images(args, work: Path) -> list[tuple]:
     from curate.embeddings import ImageRows, image_loader
     from curate.filter import filter_images
     from curate.models import encode_images, load_clip
+    from manifests.images import image_rows
     from manifests.io import read_manifest
 
     manifest = make_image_manifest(work / "img", per_class=args.images // 3, size=256, suffix=".jpg")
     table = read_manifest(manifest)
     n = table.num_rows
     bundle = load_clip("tiny-clip", None)
-    dataset = ImageRows(table.select(["uid", "image_path"]).to_pylist(), manifest.parent, bundle.preprocess_val,
+    dataset = ImageRows(image_rows(table), manifest.parent, bundle.preprocess_val,
                         bundle.image_size, with_phash=False)
     results = []
     started = time.perf_counter()

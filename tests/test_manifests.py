@@ -133,3 +133,25 @@ def test_uids_are_stable_and_distinct():
     assert uid_for_url("http://a", 3).endswith("-3")
     assert uid_for_synthetic("t", "cap", 1) != uid_for_synthetic("t", "cap", 2)
     assert hashed_subset_rank("a", 0) != hashed_subset_rank("a", 1)
+
+
+def test_image_rows_build_each_rows_dict_on_access_and_hold_no_python_object_per_row():
+    import tracemalloc
+
+    from manifests.images import image_rows
+
+    files = pa.concat_tables([pa.table({"uid": ["a", "b"], "image_path": ["a.png", None], "shard": ["s", "s"]}),
+                              pa.table({"uid": ["c"], "image_path": ["c.png"], "shard": ["s"]})])
+    rows = image_rows(files)
+    assert len(rows) == 3 and rows[2] == {"uid": "c", "image_path": "c.png"}
+    assert list(rows) == [{"uid": "a", "image_path": "a.png"}, {"uid": "b", "image_path": None}, {"uid": "c", "image_path": "c.png"}]
+    with pytest.raises(IndexError):
+        rows[3]
+    assert image_rows(pa.table({"uid": ["w"], "shard": ["s.tar"], "key": ["k"]}))[0] == {"uid": "w", "shard": "s.tar", "key": "k"}
+    n = 100_000
+    big = pa.table({"uid": [f"u{i}" for i in range(n)], "image_path": [f"{i}.png" for i in range(n)]})
+    tracemalloc.start()
+    rows = image_rows(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(rows) == n and peak < 1_000_000  # row dicts would be ~30 MB (Arrow buffers are not traced)

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from curate.errors import CurateError
-from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest, read_report
-from manifests.images import IMAGE_SUFFIXES, has_images, open_image, safe_name
+from manifests import manifest_dir, read_manifest, read_report
+from manifests.images import IMAGE_SUFFIXES, has_images, image_rows, open_image, safe_name
 from manifests.uid import seeded_subset_per_class
 from train.finetune import MIX_MODES
 
@@ -48,15 +48,10 @@ class TrainSource:
 
 
 class ManifestDataset:
-    """(image tensor, label, source index) for the rows of one TrainSource.
-
-    The image locations stay Arrow arrays, one row read per item: a list of row dicts costs ~350 B a
-    row, and DataLoader workers would copy its pages as they touch the objects' reference counts.
-    """
+    """(image tensor, label, source index) for the rows of one TrainSource."""
 
     def __init__(self, source: TrainSource, transform, source_index: int = 0):
-        names = [c for c in ("uid", *IMAGE_LOCATION_COLUMNS) if c in source.table.column_names]
-        self.columns = {name: source.table.column(name).combine_chunks() for name in names}
+        self.rows = image_rows(source.table)  # Arrow-backed: no Python object per row
         self.labels = source.labels
         self.manifest_dir = source.manifest_dir
         self.transform = transform
@@ -66,8 +61,7 @@ class ManifestDataset:
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        row = {name: column[index].as_py() for name, column in self.columns.items()}
-        image = open_image(row, self.manifest_dir)
+        image = open_image(self.rows[index], self.manifest_dir)
         return self.transform(image), int(self.labels[index]), self.source_index
 
 
