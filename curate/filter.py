@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 HIST_BINS = 40
 MAX_LISTED_UNREADABLE = 1000
-EMBEDDINGS_SPILL = ".embeddings.npy"  # in the staging folder, while a run with --decontaminate scores
 
 
 @dataclasses.dataclass
@@ -131,7 +131,7 @@ def filter_images(
         bundle = load_clip(clip_model, pretrained, device)
         text, texts = _text_matrix(bundle, task_obj, mode, device)
         columns = table.column("label").to_numpy() if mode == "classname" else None
-        spill = stage / EMBEDDINGS_SPILL if decontaminate is not None else None
+        spill = stage if decontaminate is not None else None  # where every row's embedding waits for it
         if embeddings is not None:
             scored = _score_precomputed(table, Path(embeddings), text, columns, spill, bundle.name)
         else:
@@ -143,8 +143,7 @@ def filter_images(
             decon = _run_decontamination(table, manifest_dir, decontaminate, scored, selection, bundle,
                                          dict(phash_distance=phash_distance, cosine_threshold=cosine_threshold,
                                               batch_size=batch_size, workers=workers, device=device))
-            scored.embeddings = None
-            spill.unlink(missing_ok=True)
+            scored.embeddings = None  # unmaps the embeddings file, which has no name: the space is freed
         kept = cap_per_class(selection.keep, scored.scores, selection.labels, selection.tiebreak, per_class_cap)
         settings = dict(task=task_obj, model=(clip_model, pretrained), device=device, mode=mode, texts=texts,
                         threshold=threshold, percentile=percentile, per_class_cap=per_class_cap, seed=seed,
@@ -235,9 +234,9 @@ def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None, blo
 
 
 def _new_scored(n: int, dim: int, spill: Path | None, with_phash: bool) -> _Scored:
-    """Empty results for n rows. With `spill` (decontamination to come), every row's embedding is kept too, in
-    a memory-mapped file there: 10 M rows of ViT-B-16 are 10 GB, of which decontamination reads only the
-    rows that pass the score rule."""
+    """Empty results for n rows. With `spill` (a folder; decontamination to come), every row's embedding is
+    kept too, in a nameless memory-mapped file there: 10 M rows of ViT-B-16 are 10 GB, of which
+    decontamination reads only the rows that pass the score rule."""
     return _Scored(
         scores=np.full(n, np.nan, dtype=np.float32),
         unreadable={},
@@ -247,17 +246,18 @@ def _new_scored(n: int, dim: int, spill: Path | None, with_phash: bool) -> _Scor
     )
 
 
-def _spilled_zeros(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def _spilled_zeros(folder: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Zeros in a file with no name (freed when unmapped, even if the process is killed)."""
     if shape[0] == 0:  # a zero-length file cannot be mapped
         return np.zeros(shape, dtype=np.float16)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    with tempfile.TemporaryFile(dir=folder) as handle:  # the mapping keeps its own descriptor
+        return np.memmap(handle, mode="w+", dtype=np.float16, shape=shape)
 
 
 def _score_images(table, manifest_dir, bundle, text, columns, spill: Path | None, reader) -> _Scored:
     rows = image_rows(table)
-    keep_extra = spill is not None
     scored = _new_scored(len(rows), text.shape[0], spill, with_phash=True)
-    dataset = ImageRows(rows, manifest_dir, bundle.preprocess_val, bundle.image_size, with_phash=keep_extra)
+    dataset = ImageRows(rows, manifest_dir, bundle.preprocess_val, bundle.image_size, with_phash=scored.phash is not None)
     for indices, feats, digests, errors, ok in iter_image_embeddings(bundle, dataset, desc="clip score", **reader):
         for index, error in zip(indices[~ok], np.asarray(errors, dtype=object)[~ok]):
             scored.unreadable[int(index)] = error
@@ -265,7 +265,7 @@ def _score_images(table, manifest_dir, bundle, text, columns, spill: Path | None
             continue
         good = indices[ok]
         scored.scores[good] = score_embeddings(feats[ok], text, None if columns is None else columns[good])
-        if keep_extra:
+        if scored.embeddings is not None:
             scored.embeddings[good] = feats[ok]
             scored.phash[good] = digests[ok]
     if scored.unreadable:
@@ -279,7 +279,7 @@ def _score_precomputed(table, emb_dir: Path, text, columns, spill: Path | None, 
     scored = _new_scored(table.num_rows, text.shape[0], spill, with_phash=False)
     for rows, feats in iter_precomputed(table, emb_dir, text.shape[0], model_name):
         scored.scores[rows] = score_embeddings(feats, text, None if columns is None else columns[rows])
-        if spill is not None:
+        if scored.embeddings is not None:
             norms = np.linalg.norm(feats.astype(np.float32), axis=1, keepdims=True).clip(1e-12)
             scored.embeddings[rows] = feats / norms
     scored.missing = np.isnan(scored.scores)
@@ -346,12 +346,22 @@ def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selecti
     rows = np.flatnonzero(selection.keep)
     result = decontaminate(
         table.take(pa.array(rows)), manifest_dir, eval_dir, bundle=bundle,
-        train_embeddings=scored.embeddings[rows],
+        train_embeddings=_front_rows(scored.embeddings, rows),
         train_phash=None if scored.phash is None else scored.phash[rows],
         **options,
     )
     selection.keep[rows[~result.keep]] = False
     return result
+
+
+def _front_rows(array: np.ndarray, rows: np.ndarray, block: int = 65536) -> np.ndarray:
+    """array[rows] as a view of the first len(rows) rows, moved there in place (array may be a memory map:
+    a fancy-indexed copy would bring every passing row into memory). Safe because rows ascend: a row is
+    never overwritten before it is moved."""
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        array[start : start + len(part)] = array[part]
+    return array[: len(rows)]
 
 
 # ---------------------------------------------------------------- outputs
