@@ -46,39 +46,48 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
 
 
 def write_manifest(table: pa.Table, path: str | os.PathLike) -> pa.Table:
-    """Validate and write a manifest atomically; returns the conformed table."""
+    """Validate and write a whole manifest atomically (through ManifestWriter); returns the conformed table."""
     table = validate(table)
-    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    with ManifestWriter(path, table.schema) as writer:
+        writer._append(table)  # validated just above
     return table
 
 
 class ManifestWriter:
     """A manifest written piece by piece, for a stage whose rows need not all be in memory at once.
 
-    Each piece is validated and conformed to `columns` (a column a piece lacks is NULL there). Rows go
-    out in row groups of `row_group_rows` (default ROW_GROUP_ROWS) whatever the pieces' sizes, so the bytes depend only on the
-    rows. The file appears at `path` when the writer is closed, and never if the block raised.
+    Each piece is validated and conformed to `columns` (names of known manifest columns, or a schema);
+    a column a piece lacks is NULL there, one the writer was not opened with is an error. Rows go out in
+    row groups of `row_group_rows` (default ROW_GROUP_ROWS) whatever the pieces' sizes, so the bytes depend
+    only on the rows. The file appears at `path` when the writer is closed, and never if the block raised.
     """
 
-    def __init__(self, path: str | os.PathLike, columns: Iterable[str], row_group_rows: int | None = None):
+    def __init__(self, path: str | os.PathLike, columns: Iterable[str] | pa.Schema, row_group_rows: int | None = None):
         self.path = Path(path)
-        self.schema = manifest_schema(columns)
+        self.schema = columns if isinstance(columns, pa.Schema) else manifest_schema(columns)
         self.rows = 0
         self._row_group_rows = row_group_rows or ROW_GROUP_ROWS
         self._held: list[pa.Table] = []
         self._held_rows = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
-        self._writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
+        self._tmp = _temp_beside(self.path)
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        except BaseException:
+            os.unlink(self._tmp)
+            raise
 
     def write(self, table: pa.Table) -> None:
+        extra = [name for name in table.column_names if name not in self.schema.names]
+        if extra:
+            raise CurateError(f"manifest piece has column(s) the writer was not opened with: {', '.join(extra)}")
         missing = {name: pa.nulls(table.num_rows, self.schema.field(name).type)
                    for name in self.schema.names if name not in table.column_names}
         for name, column in missing.items():
             table = table.append_column(name, column)
-        table = validate(table).select(self.schema.names).cast(self.schema)
+        self._append(validate(table))
+
+    def _append(self, conformed: pa.Table) -> None:
+        table = conformed.select(self.schema.names).cast(self.schema)
         self._held.append(table)
         self._held_rows += table.num_rows
         self.rows += table.num_rows
@@ -96,9 +105,19 @@ class ManifestWriter:
         self._held_rows = held.num_rows - whole
 
     def close(self) -> None:
-        self._flush(final=True)
-        self._writer.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._flush(final=True)
+            self._writer.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
 
     def __enter__(self) -> ManifestWriter:
         return self
@@ -106,10 +125,8 @@ class ManifestWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-            return
-        self._writer.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
+        else:
+            self._discard()
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
@@ -166,9 +183,7 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call `write(tmp_path)` on a temp file beside `path`, then rename it to `path` (removed on failure)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -176,6 +191,14 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _temp_beside(path: Path) -> Path:
+    """A new empty file in `path`'s folder (created if needed), to be renamed to `path` when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 def _json_default(value: Any) -> Any:

@@ -100,8 +100,3 @@ def manifest_schema(columns: Iterable[str]) -> pa.Schema:
     if unknown:
         raise ValueError(f"not manifest columns: {sorted(unknown)}")
     return pa.schema([pa.field(name, kind) for name, kind in COLUMNS.items() if name in wanted])
-
-
-def empty_table(columns: list[str]) -> pa.Table:
-    """An empty manifest with the given known columns (for stages that matched nothing)."""
-    return pa.table({name: pa.array([], type=COLUMNS[name]) for name in columns})

@@ -114,6 +114,30 @@ def test_failed_write_leaves_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["m.parquet"]
 
 
+def test_a_write_that_fails_midway_leaves_the_previous_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "m.parquet"
+    write_manifest(table(), path)
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        write_manifest(table(caption=["new", "new"]), path)
+    with pytest.raises(OSError, match="disk full"), ManifestWriter(tmp_path / "w.parquet", table().column_names) as writer:
+        writer.write(table())
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.parquet"]
+
+
+def test_writer_refuses_a_piece_with_a_column_it_was_not_opened_with(tmp_path):
+    with pytest.raises(CurateError, match="column\\(s\\) the writer was not opened with: clip_score"), \
+            ManifestWriter(tmp_path / "m.parquet", table().column_names) as writer:
+        writer.write(table().append_column("clip_score", pa.array([0.1, 0.2], pa.float32())))
+    assert os.listdir(tmp_path) == []
+
+
 def test_staged_output_dir_only_appears_on_success(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError), staged_output_dir(out) as staging:
