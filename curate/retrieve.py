@@ -30,7 +30,7 @@ from curate.errors import CurateError
 from curate.matching import CaptionMatcher, ClassHit
 from curate.metadata import CARRIED_COLUMNS, MetadataFile, expand_inputs, fetch_rows, inspect_file, prefetch, stream_captions
 from curate.tasks import Task, load_task
-from manifests import ManifestWriter, staged_output_dir, uid_for_url, write_report
+from manifests import REQUIRED_COLUMNS, ManifestWriter, staged_output_dir, uid_for_url, write_report
 from manifests.io import MANIFEST_NAME
 from manifests.uid import seeded_ranks, subset_per_class_by_rank
 
@@ -153,7 +153,7 @@ def _check_filter_columns(sources: list[MetadataFile], filters: QualityFilters) 
 def _manifest_columns(sources: list[MetadataFile]) -> list[str]:
     """The manifest's columns: ours, then every carried column that at least one input file has."""
     carried = [name for name in CARRIED_COLUMNS if any(name in source.columns for source in sources)]
-    return ["uid", "label", "class_name", "source", "caption", "url", "matched_text", *carried]
+    return [*REQUIRED_COLUMNS, "url", "matched_text", *carried]
 
 
 def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task, multi_class: str, threads,
@@ -333,10 +333,12 @@ def _cap_per_class(scanned: Path, manifest: Path, cap: int, seed: int, collected
     The scanned rows are read back a row group at a time (their uids once, as 8-byte ranks)."""
     with contextlib.closing(pq.ParquetFile(scanned)) as rows:
         groups = range(rows.num_row_groups)
-        heads = [rows.read_row_group(i, columns=["uid", "label"]) for i in groups]
-        ranks = np.concatenate([seeded_ranks(h.column("uid").to_pylist(), seed) for h in heads] or [np.zeros(0, np.uint64)])
-        labels = np.concatenate([h.column("label").to_numpy() for h in heads] or [np.zeros(0, np.int32)])
-        del heads
+        ranks, labels = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)]
+        for i in groups:
+            head = rows.read_row_group(i, columns=["uid", "label"])
+            ranks.append(seeded_ranks(head.column("uid").to_pylist(), seed))
+            labels.append(head.column("label").to_numpy())
+        ranks, labels = np.concatenate(ranks), np.concatenate(labels)
         keep = subset_per_class_by_rank(ranks, labels, lambda n: min(n, cap))
         with ManifestWriter(manifest, rows.schema_arrow.names) as writer:
             start = 0
