@@ -4,7 +4,7 @@ import pytest
 
 from curate.cli import cli
 from curate.errors import CurateError
-from curate.tasks import builtin_task_names, load_task
+from curate.tasks import builtin_task, builtin_task_names, load_task
 
 EXPECTED_SIZES = {"fgvc-aircraft": 100, "stanford-cars": 196, "flowers102": 102, "oxford-pets": 37, "imagenet-100": 100, "demo": 5}
 
@@ -66,6 +66,16 @@ def test_invalid_tasks_fail_with_one_clear_error(write_task, data, message):
 def test_unknown_task_name():
     with pytest.raises(CurateError, match="neither a file nor a builtin task"):
         load_task("no-such-task")
+
+
+def test_a_missing_path_never_falls_back_to_a_yaml_file_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "planes.yaml").write_text("name: planes\nclasses: [A320]\n", encoding="utf-8")
+    for ref in (str(tmp_path / "planes"), "../tasks/demo"):  # the second once led from the builtin folder to demo
+        with pytest.raises(CurateError, match="is neither a file nor a builtin task"):
+            load_task(ref)
+    with pytest.raises(CurateError, match="no builtin task 'planes'"):
+        builtin_task("planes")
 
 
 def test_a_folder_named_like_a_builtin_task_does_not_hide_it(tmp_path, monkeypatch, runner):

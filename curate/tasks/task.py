@@ -63,7 +63,15 @@ def builtin_task_names() -> list[str]:
 
 def builtin_task(name: str) -> Task:
     """A builtin task by name, whatever the working folder holds."""
-    return load_task(BUILTIN_DIR / f"{name}.yaml")
+    path = _builtin_path(name)
+    if path is None:
+        raise CurateError(f"no builtin task '{name}' ({', '.join(builtin_task_names())})")
+    return load_task(path)
+
+
+def _builtin_path(name: str) -> Path | None:
+    """The file of builtin task `name`; None unless `name` is exactly one (not a path that happens to lead there)."""
+    return BUILTIN_DIR / f"{name}.yaml" if name in builtin_task_names() else None
 
 
 def load_task(ref: str | Path | Task) -> Task:
@@ -71,8 +79,8 @@ def load_task(ref: str | Path | Task) -> Task:
     if isinstance(ref, Task):
         return ref
     path = Path(ref)
-    builtin = BUILTIN_DIR / f"{ref}.yaml"
-    if not path.is_file() and builtin.is_file():
+    builtin = _builtin_path(str(ref))
+    if not path.is_file() and builtin is not None:
         path = builtin  # a folder named like a builtin task (e.g. an output folder) does not hide it
     elif path.is_dir():
         raise CurateError(f"task file {path} is a directory")
