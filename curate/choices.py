@@ -7,3 +7,9 @@ ENCODE_FORMATS = ("jpg", "png", "webp")  # formats a download saves images in
 FILTER_MODES = ("domain", "classname")  # what `curate filter` scores a row against
 MATCH_MODES = ("word", "substring")  # how `curate retrieve` matches a class term in a caption
 MULTI_CLASS = ("drop", "duplicate")  # what `curate retrieve` does with a caption naming several classes
+# finetune-and-probe: --select-by -> the val metric that picks the best epoch; --precision; --keep-checkpoints;
+# --mix-mode (MixData, MixLoss: train.data.BatchPlan)
+SELECT_BY = {"linear_probe": "val_linear_probe_top1", "head": "val_head_top1", "zero_shot": "val_zero_shot_top1"}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+KEEP_CHECKPOINTS = ("last", "all")
+MIX_MODES = ("data", "loss")

@@ -43,7 +43,7 @@ def make_trainer(model_name: str, device: str, batch: int, amp, fused: bool, com
     classifier = build_classifier(bundle, CLASSES, ["a photo of a {}."], device=device)
     if channels_last:
         classifier.to(memory_format=torch.channels_last)
-    config = TrainConfig(epochs=1, lr=1e-5, warmup=10, batch_size=batch, accum_steps=default_accum_steps(batch, device),
+    config = TrainConfig(epochs=1, lr=1e-5, warmup=10, accum_steps=default_accum_steps(batch, device),
                          device=device, amp_dtype=amp, fused=fused, channels_last=channels_last)
     forward = torch.compile(classifier) if compiled else classifier
     return Trainer(classifier, forward, config, steps_per_epoch=10_000), bundle.image_size

@@ -1,4 +1,5 @@
-"""Shared helpers for the train/ tests: a small learnable shape world and manifest writers."""
+"""Shared helpers for the train/ tests: the demo classes (train.synthetic_world's shape world), small training
+settings and a manifest writer."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from manifests.io import write_manifest
-
-CLASSES = ("red circle", "green square", "blue triangle", "yellow star", "purple cross")
+from train.synthetic_world import DEMO_CLASSES as CLASSES
 SMALL = {"model": "tiny-clip", "lr": 1e-3, "batch_size": 32, "warmup": 0, "workers": 0, "device": "cpu"}
 
 
-def write_rows(folder: Path, rows: list[dict], image_from: Path | None = None) -> Path:
+def write_rows(folder: Path, rows: list[dict]) -> Path:
     """A manifest from row dicts (uid, label, class_name, source, caption, image_path)."""
     folder.mkdir(parents=True, exist_ok=True)
-    columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else ["uid", "label", "class_name", "source", "caption"])}
-    if not rows:
+    if rows:
+        columns = {key: [row[key] for row in rows] for key in rows[0]}
+    else:
         columns = {"uid": [], "label": [], "class_name": [], "source": [], "caption": [], "image_path": []}
     table = pa.table({**columns, "label": pa.array(columns["label"], pa.int32())})
     write_manifest(table, folder / "manifest.parquet")

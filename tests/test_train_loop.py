@@ -47,7 +47,7 @@ def test_optimizer_groups_and_betas():
 def _step_with(accum, mix_loss=False):
     torch.manual_seed(0)
     model = _Tiny()
-    config = TrainConfig(epochs=1, lr=1e-2, warmup=0, batch_size=12, accum_steps=accum, mix_loss=mix_loss, grad_clip=0)
+    config = TrainConfig(epochs=1, lr=1e-2, warmup=0, accum_steps=accum, mix_loss=mix_loss, grad_clip=0)
     micro_batches = []
 
     def forward(x):

@@ -7,7 +7,7 @@ import sys
 import click
 
 from curate.console import CONTEXT, Command, configure_logging
-from train.finetune import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY
+from curate.choices import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY
 
 
 @click.command("finetune-and-probe", cls=Command, context_settings=CONTEXT)

@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 
 from curate.errors import CurateError
-from manifests import manifest_dir, read_manifest, read_report
+from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest, read_report
 from manifests.images import IMAGE_SUFFIXES, has_images, image_rows, open_image, safe_name
 from manifests.uid import seeded_subset_per_class
-from train.finetune import MIX_MODES
+from curate.choices import MIX_MODES
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class TrainSource:
 
     path: Path
     manifest_dir: Path
-    table: pa.Table
+    table: pa.Table  # the rows used: uid, source and image location columns only
     labels: np.ndarray
     rows_total: int
     provenance: dict[str, Any]
@@ -110,20 +110,25 @@ def _load_source(path: Path, class_names: list[str], fraction: float, seed: int)
     if not has_images(table):
         raise CurateError(f"train manifest {path} has no images (no image_path, no shard/key): run curate download first")
     labels = map_labels(table, class_names, where=f"train manifest {path}")
-    keep = stratified_fraction(table.column("uid").to_pylist(), labels, fraction, seed)
-    return TrainSource(path, folder, table.take(pa.array(keep)), labels[keep], table.num_rows, _provenance(folder))
+    used = table.select([c for c in ("uid", "source", *IMAGE_LOCATION_COLUMNS) if c in table.column_names])
+    if fraction < 1:  # else every row, in order: no copy
+        keep = stratified_fraction(table.column("uid").to_pylist(), labels, fraction, seed)
+        used, labels = used.take(pa.array(keep)), labels[keep]
+    return TrainSource(path, folder, used, labels, table.num_rows, _provenance(folder))
 
 
 def map_labels(table: pa.Table, class_names: list[str], where: str) -> np.ndarray:
     """The eval task's label of every row, found by class name; CurateError naming unknown classes."""
     index = {name.casefold(): i for i, name in enumerate(class_names)}
-    names = table.column("class_name").to_pylist()
+    encoded = table.column("class_name").combine_chunks().dictionary_encode()  # one string per distinct name
+    names = encoded.dictionary.to_pylist()
     unknown = sorted({n for n in names if n.casefold() not in index})
     if unknown:
         shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise CurateError(f"{where} has {len(unknown)} class(es) not in the eval task: {shown}")
-    labels = np.array([index[n.casefold()] for n in names], dtype=np.int64)
-    moved = int((labels != np.asarray(table.column("label").to_pylist())).sum())
+    lookup = np.array([index[n.casefold()] for n in names], dtype=np.int64)
+    labels = lookup[encoded.indices.to_numpy(zero_copy_only=False)]
+    moved = int((labels != table.column("label").to_numpy()).sum())
     if moved:
         log.warning("%s: %d rows relabelled to the eval task's label of their class name", where, moved)
     return labels

@@ -15,19 +15,14 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from curate.choices import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY
 from curate.errors import CurateError
 
 log = logging.getLogger(__name__)
 
-# option choices, here (a light module) so that the CLI offers the same ones without importing torch
-SELECT_BY = {"linear_probe": "val_linear_probe_top1", "head": "val_head_top1", "zero_shot": "val_zero_shot_top1"}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-KEEP_CHECKPOINTS = ("last", "all")
-MIX_MODES = ("data", "loss")  # MixData, MixLoss (train.data.BatchPlan)
 SETTINGS_FILE = "run_settings.json"
 EPOCHS_FILE = "epochs.jsonl"
 EPOCH0_FILE = "epoch0_metrics.json"
@@ -400,7 +395,7 @@ def _make_trainer(run: _Run, steps_per_epoch: int) -> None:
 
     s, cuda = run.settings, run.device.startswith("cuda")
     config = TrainConfig(
-        epochs=s["epochs"], lr=s["lr"], wd=s["wd"], warmup=s["warmup"], batch_size=s["batch_size"],
+        epochs=s["epochs"], lr=s["lr"], wd=s["wd"], warmup=s["warmup"],
         accum_steps=s["accum_steps"] or default_accum_steps(s["batch_size"], run.device), device=run.device,
         amp_dtype=run.amp_dtype, mix_loss=s["mix_mode"] == "loss" and run.weights is not None, fused=cuda, channels_last=cuda,
     )
@@ -463,12 +458,16 @@ def _report(run: _Run, epoch0, metrics, best_epoch, epochs_run, seconds, images_
 
 
 def _source_summary(src, class_names: list[str]) -> dict[str, Any]:
-    per_class = Counter(int(v) for v in src.labels)
+    import numpy as np
+    import pyarrow.compute as pc
+
+    per_class = np.bincount(src.labels, minlength=len(class_names))
+    sources = pc.value_counts(src.table.column("source")).to_pylist()
     return {
         "manifest": str(src.path),
         "rows": src.rows_total,
         "used": src.rows,
-        "sources": dict(Counter(src.table.column("source").to_pylist())),
-        "per_class": {class_names[k]: v for k, v in sorted(per_class.items())},
+        "sources": {entry["values"]: entry["counts"] for entry in sources},
+        "per_class": {class_names[k]: int(v) for k, v in enumerate(per_class) if v},
         "provenance": src.provenance,
     }

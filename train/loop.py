@@ -31,7 +31,6 @@ class TrainConfig:
     lr: float = 1e-5
     wd: float = 0.1
     warmup: int = 500
-    batch_size: int = 512
     accum_steps: int | None = None  # None: start with whole batches, split further on CUDA out-of-memory
     grad_clip: float = 1.0
     device: str = "cpu"
