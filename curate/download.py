@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from curate.choices import DATA_FOLDERS, ENCODE_FORMATS, RESIZE_MODES
 from curate.errors import CurateError
+from manifests.export import IMG2DATASET_FILE
 from manifests.io import (
     MANIFEST_NAME,
     atomic_write,
@@ -49,7 +50,7 @@ from manifests.schema import IMAGE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "img2dataset_input.parquet"
+INPUT_NAME = IMG2DATASET_FILE  # img2dataset's input, named as `curate export --format img2dataset` names it
 STATE_NAME = "download_state.json"
 FAILED_NAME = "failed.parquet"
 _RESULT_COLUMNS = ["uid", "key", "status", "error_message", "width", "height", "sha256"]

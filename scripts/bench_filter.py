@@ -92,12 +92,9 @@ def write_candidates(path: Path, rows: int, candidates: int) -> tuple[Path, int]
 
 
 def write_task(folder: Path) -> Path:
-    import yaml
+    from helpers_images import write_task_file
 
-    path = folder / "task.yaml"
-    path.write_text(yaml.safe_dump({"name": "bench", "domain_text": ["a photo of a thing", "a picture of a thing"],
-                                    "classes": CLASSES}))
-    return path
+    return write_task_file(folder, {"name": "bench", "domain_text": ["a photo of a thing", "a picture of a thing"], "classes": CLASSES})
 
 
 # ---------------------------------------------------------------- (a) precomputed embeddings
@@ -193,8 +190,7 @@ def bench_memory(args, work: Path) -> list[tuple]:
 # ---------------------------------------------------------------- (b) images
 def bench_images(args, work: Path) -> list[tuple]:
     import torch
-    from helpers_images import make_image_manifest
-    from helpers_images import write_task as write_shape_task
+    from helpers_images import SHAPES_TASK, make_image_manifest, write_task_file
 
     from curate.embeddings import ImageRows, image_loader
     from curate.filter import filter_images
@@ -218,7 +214,7 @@ def bench_images(args, work: Path) -> list[tuple]:
     for pixels in batches:
         encode_images(bundle, pixels)
     results.append((f"model forward only (tiny-clip, {torch.get_num_threads()} threads)", n, time.perf_counter() - started))
-    task = write_shape_task(work / "img")
+    task = write_task_file(work / "img", SHAPES_TASK)
     started = time.perf_counter()
     filter_images(task, manifest, work / "img-out", clip_model="tiny-clip", threshold=-1, device="cpu",
                   batch_size=args.batch_size, workers=args.workers)

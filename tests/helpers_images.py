@@ -79,11 +79,6 @@ def write_task_file(folder: Path, data: dict | list[str], name: str = "task") ->
     return path
 
 
-def write_task(folder: Path, classes: tuple[str, ...] = CLASSES) -> Path:
-    """The shapes task (SHAPES_TASK, optionally other classes) as folder/task.yaml; scripts/bench_filter.py uses it."""
-    return write_task_file(folder, {**SHAPES_TASK, "classes": list(classes)})
-
-
 def embed_manifest(bundle, manifest: Path) -> np.ndarray:
     """tiny-clip (or any bundle's) image embeddings of a manifest's image_path rows, in row order: (N, d) float32."""
     import torch
