@@ -360,3 +360,36 @@ def test_pass_two_in_row_group_chunks_gives_the_same_manifest(tmp_path, write_ta
     assert all(a.isdisjoint(b) for i, a in enumerate(groups) for b in groups[i + 1:])
     assert [row for rows in fetched for row in rows] == sorted(row for rows in fetched for row in rows)
     assert (tmp_path / "whole" / "manifest.parquet").read_bytes() == (tmp_path / "chunked" / "manifest.parquet").read_bytes()
+
+
+def test_pass_one_waits_when_pass_two_falls_behind(tmp_path, write_task, monkeypatch):
+    """Memory stays bounded: with a slow pass 2, pass 1 runs at most MAX_PENDING (+ the one just queued) ahead."""
+    import time
+
+    import curate.retrieve as retrieve_module
+    from curate.sample_metadata import write_laion_sample
+
+    names = ["737-800", "A320", "Cessna 172"]
+    write_laion_sample(tmp_path / "meta", 12000, names, plant_rate=0.05, files=1, chunk_rows=4000, row_group_rows=1000)
+    produced, finished, ahead = [0], [0], []
+    original_fetch, original_match = retrieve_module.fetch_rows, retrieve_module._match_file
+
+    def slow_fetch(con, source, rows):
+        time.sleep(0.03)
+        table = original_fetch(con, source, rows)
+        finished[0] += 1
+        return table
+
+    def counted_match(*args):
+        for chunk in original_match(*args):
+            produced[0] += 1
+            ahead.append(produced[0] - finished[0])
+            yield chunk
+
+    monkeypatch.setattr(retrieve_module, "fetch_rows", slow_fetch)
+    monkeypatch.setattr(retrieve_module, "_match_file", counted_match)
+    monkeypatch.setattr(retrieve_module, "BATCH_ROWS", 1000)
+    monkeypatch.setattr(retrieve_module, "PASS2_ROWS", 1000)
+    retrieve(task=write_task({"name": "p", "classes": names}), metadata=[str(tmp_path / "meta")], out=tmp_path / "out")
+    assert len(ahead) >= 5 and finished[0] == produced[0]
+    assert max(ahead) <= retrieve_module.MAX_PENDING + 1
