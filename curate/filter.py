@@ -143,7 +143,6 @@ def filter_images(
             decon = _run_decontamination(table, manifest_dir, decontaminate, scored, selection, bundle,
                                          dict(phash_distance=phash_distance, cosine_threshold=cosine_threshold,
                                               batch_size=batch_size, workers=workers, device=device))
-            scored.embeddings = None  # unmaps the embeddings file, which has no name: the space is freed
         kept = cap_per_class(selection.keep, scored.scores, selection.labels, selection.tiebreak, per_class_cap)
         settings = dict(task=task_obj, model=(clip_model, pretrained), device=device, mode=mode, texts=texts,
                         threshold=threshold, percentile=percentile, per_class_cap=per_class_cap, seed=seed,
@@ -340,7 +339,10 @@ def cap_per_class(keep: np.ndarray, scores, labels, tiebreak, cap: int | None) -
 
 # ---------------------------------------------------------------- decontamination
 def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selection: _Selection, bundle, options):
-    """Decontaminate the rows passing the score rule; clears `selection.keep` for the dropped ones."""
+    """Decontaminate the rows passing the score rule; clears `selection.keep` for the dropped ones.
+
+    Consumes `scored.embeddings`: the passing rows are moved to its front in place, so it no longer lines up
+    with the table, and it is dropped at the end (which unmaps the nameless file and frees its space)."""
     from curate.decontaminate import decontaminate
 
     rows = np.flatnonzero(selection.keep)
@@ -351,6 +353,7 @@ def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selecti
         **options,
     )
     selection.keep[rows[~result.keep]] = False
+    scored.embeddings = None
     return result
 
 
