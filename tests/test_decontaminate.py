@@ -80,21 +80,21 @@ def test_filter_drops_exactly_the_planted_duplicates(planted, tmp_path):
                                 "unreadable": 0, "dropped": 3, "kept": 9}
     assert report["eval_images"] == 6 and len(report["pairs"]) == 3
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "decontamination.parquet", "manifest.parquet", "report.json", "score_hist.png"]  # the embeddings file is gone
+        "decontamination.parquet", "manifest.parquet", "report.json", "score_hist.png"]  # no spill file left in OUT
 
 
 def test_training_embeddings_wait_in_a_file_beside_the_output_not_in_memory(planted, tmp_path, monkeypatch):
-    import curate.filter as filter_module
+    import curate.decontaminate as decontaminate_module
 
     task, manifest, eval_dir, _ = planted
     seen = []
-    original = filter_module._run_decontamination
+    original = decontaminate_module.decontaminate
 
-    def spy(table, manifest_dir, eval_dir, scored, *rest):
-        seen.append((type(scored.embeddings), scored.embeddings.filename, scored.embeddings.shape))
-        return original(table, manifest_dir, eval_dir, scored, *rest)
+    def spy(*args, train_embeddings=None, **kwargs):
+        seen.append((type(train_embeddings), train_embeddings.filename, train_embeddings.shape))
+        return original(*args, train_embeddings=train_embeddings, **kwargs)
 
-    monkeypatch.setattr(filter_module, "_run_decontamination", spy)
+    monkeypatch.setattr(decontaminate_module, "decontaminate", spy)
     result = filter_images(task, manifest, tmp_path / "out", threshold=-1, decontaminate=eval_dir,
                            cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
     [(kind, filename, shape)] = seen
@@ -255,6 +255,7 @@ def test_flat_inner_product_search_matches_faiss(monkeypatch):
                               rng.standard_normal((30, 16)).astype(np.float32)])
     ours, theirs = _FlatIP(16), faiss.IndexFlatIP(16)
     monkeypatch.setattr(_FlatIP, "PART", 64)  # several parts
+    monkeypatch.setattr(_FlatIP, "QUERIES", 16)  # several query slices
     ours.add(base)
     theirs.add(base)
     (v1, i1), (v2, i2) = ours.search(queries, 1), theirs.search(queries, 1)

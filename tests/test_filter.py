@@ -27,6 +27,7 @@ from helpers_images import (
 from curate.cli import cli
 from curate.errors import CurateError
 from curate.filter import (
+    _front_rows,
     cap_per_class,
     filter_images,
     score_embeddings,
@@ -239,6 +240,15 @@ def test_score_core_normalises_fp16_input():
     unit = x.astype(np.float32) / np.linalg.norm(x.astype(np.float32), axis=1, keepdims=True)
     np.testing.assert_allclose(score_embeddings(x, text), (unit @ text).max(axis=1), atol=1e-5)
     np.testing.assert_allclose(score_embeddings(x, text, np.array([1] * 7)), unit @ text[:, 1], atol=1e-5)
+
+
+def test_front_rows_moves_the_chosen_rows_to_the_front_in_place_across_blocks():
+    array = np.arange(40, dtype=np.float16).reshape(20, 2)
+    rows = np.array([1, 4, 5, 9, 19])
+    expected = array[rows].copy()
+    front = _front_rows(array, rows, block=2)
+    assert np.array_equal(front, expected)
+    assert front.base is array or np.shares_memory(front, array)
 
 
 def test_embedding_shard_with_wrong_row_count_is_named(embedded, tmp_path):
