@@ -142,8 +142,12 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str
     return full
 
 
-def read_report(out_dir: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / REPORT_NAME).read_text(encoding="utf-8"))
+def read_report(location: str | os.PathLike) -> dict[str, Any]:
+    """A stage's report: from its output folder, or from a report file named directly."""
+    path = Path(location)
+    if path.is_dir():
+        path = path / REPORT_NAME
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def command_line() -> str:

@@ -33,6 +33,11 @@ def test_scale_points_group_by_source_and_sort(tmp_path):
         scale_points(runs, metric="head_top1")
 
 
+def test_scale_points_reads_a_report_file_under_any_name(tmp_path):
+    report = (_run(tmp_path / "r", 1000, "synthetic", 0.4) / "report.json").rename(tmp_path / "synthetic-1k.json")
+    assert scale_points([report])["series"] == {"synthetic": [(1000, 0.4)]}
+
+
 def test_plot_scale_script(tmp_path):
     runs = [_run(tmp_path / "a", 100, "retrieved", 0.5), _run(tmp_path / "b", 400, "synthetic", 0.45)]
     out = tmp_path / "scale.png"

@@ -59,7 +59,7 @@ def scale_points(run_dirs: list[str | Path], metric: str = "linear_probe_top1") 
         path = Path(run) / "report.json" if Path(run).is_dir() else Path(run)  # a run folder or its report.json
         if not path.exists():
             raise CurateError(f"no report.json in {run}")
-        report = read_report(path.parent)
+        report = read_report(path)
         best, epoch0 = report["metrics"]["best"], report["metrics"]["epoch0"]
         if metric not in best:
             raise CurateError(f"{path} has no metric '{metric}' (have: {', '.join(sorted(best))})")
