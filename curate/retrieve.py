@@ -158,18 +158,16 @@ def _manifest_columns(sources: list[MetadataFile]) -> list[str]:
 
 def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task, multi_class: str, threads,
           collected: _Collected) -> None:
-    """Pass 1 (captions) runs on `threads` DuckDB threads; after each run of whole row groups, pass 2 (url
-    and metadata of the rows it matched) is queued on a second connection in a background thread, so the
-    two overlap down to the last row group. Results are collected in queue order, i.e. input order."""
+    """Pass 1 (captions) streams on a DuckDB connection; after each run of whole row groups, pass 2 (url and
+    metadata of the rows it matched) is queued on a cursor of the same database in a background thread, so the
+    two overlap down to the last row group and share the database's `threads` threads (all of them for the
+    pass 2 left when pass 1 ends). Results are collected in queue order, i.e. input order."""
     import duckdb
 
     threads = threads or os.cpu_count() or 1
-    with duckdb.connect(config={"threads": threads}) as con, \
+    with duckdb.connect(config={"threads": threads}) as con, con.cursor() as details_con, \
             concurrent.futures.ThreadPoolExecutor(1) as fetcher, tqdm(
             total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None) as bar:
-        # opened in the background thread, off the path to the first batch; with as many threads as pass 1,
-        # so that the pass 2 left when pass 1 ends (the last row groups) runs on every core
-        details_con = fetcher.submit(duckdb.connect, config={"threads": threads})
         pending: collections.deque = collections.deque()
         try:
             # room for a few batches, so DuckDB keeps decoding while this process matches the previous ones
@@ -186,11 +184,6 @@ def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task,
         finally:
             for future, _ in pending:
                 future.cancel()
-            fetcher.submit(_close, details_con)  # queued after every pass 2 still running
-
-
-def _close(connection: concurrent.futures.Future) -> None:
-    connection.result().close()
 
 
 def _collect_next(pending: collections.deque, filters: QualityFilters, task: Task, multi_class: str, collected: _Collected) -> None:
@@ -214,9 +207,9 @@ class _Matches:
         return head
 
 
-def _details(connection: concurrent.futures.Future, source: MetadataFile, matches: _Matches) -> pa.Table:
+def _details(connection, source: MetadataFile, matches: _Matches) -> pa.Table:
     """Pass 2: url and carried columns of the matched rows, with their captions."""
-    return fetch_rows(connection.result(), source, matches.rows).append_column("caption", pa.array(matches.captions, pa.string()))
+    return fetch_rows(connection, source, matches.rows).append_column("caption", pa.array(matches.captions, pa.string()))
 
 
 def _match_file(con, source: MetadataFile, matcher: CaptionMatcher, funnel: dict, bar) -> Iterator[_Matches]:
