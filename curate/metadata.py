@@ -158,18 +158,18 @@ def stream_captions(con, source: MetadataFile, batch_rows: int) -> Iterator[pa.R
 def fetch_rows(con, source: MetadataFile, rows: Sequence[int]) -> pa.Table:
     """The url and carried columns of the given file rows (ascending row numbers), as a table with `row`.
 
-    The range condition lets DuckDB skip the row groups outside [rows[0], rows[-1]]."""
+    DuckDB pushes the semi join into the parquet scan as a filter on the row number: only the wanted rows
+    leave the scan, and row groups holding none of them are skipped."""
     select = ", ".join(f"{quote_identifier(col)} AS {quote_identifier(name)}" for name, col in source.columns.items() if name != "caption")
     wanted = pa.table({"n": pa.array(rows, pa.int64())})
     query = (
         f"SELECT file_row_number AS row, {select} FROM read_parquet($path, file_row_number=true) "
-        "WHERE file_row_number BETWEEN $first AND $last AND file_row_number IN (SELECT n FROM wanted) "
+        "WHERE file_row_number IN (SELECT n FROM wanted) "
         "ORDER BY file_row_number"
     )
     con.register("wanted", wanted)
     try:
-        params = {"path": source.path, "first": rows[0], "last": rows[-1]}
-        return _run(con, query, params, lambda relation: relation.to_arrow_table())
+        return _run(con, query, {"path": source.path}, lambda relation: relation.to_arrow_table())
     finally:
         con.unregister("wanted")
 
