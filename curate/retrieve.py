@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import logging
 import os
@@ -22,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from curate.choices import MATCH_MODES, MULTI_CLASS
@@ -30,7 +28,7 @@ from curate.errors import CurateError
 from curate.matching import CaptionMatcher, ClassHit
 from curate.metadata import CARRIED_COLUMNS, MetadataFile, expand_inputs, fetch_rows, inspect_file, prefetch, stream_captions
 from curate.tasks import Task, load_task
-from manifests import REQUIRED_COLUMNS, ManifestWriter, staged_output_dir, uid_for_url, write_report
+from manifests import REQUIRED_COLUMNS, ManifestWriter, iter_manifest, staged_output_dir, uid_for_url, write_report
 from manifests.io import MANIFEST_NAME
 from manifests.uid import seeded_ranks, subset_per_class_by_rank
 
@@ -130,11 +128,12 @@ def retrieve(
         manifest = staging / MANIFEST_NAME
         # matched rows go to disk as they come (memory holds only the URLs seen); a cap reads them back once
         scanned = manifest if per_class_cap is None else staging / ".uncapped.parquet"
-        with ManifestWriter(scanned, _manifest_columns(sources)) as writer:
+        columns = _manifest_columns(sources)
+        with ManifestWriter(scanned, columns) as writer:
             collected = _Collected(writer, np.zeros(len(task.classes), dtype=np.int64))
             _scan(sources, matcher, filters, task, multi_class, threads, collected)
         if per_class_cap is not None:
-            _cap_per_class(scanned, manifest, per_class_cap, seed, collected)
+            _cap_per_class(scanned, manifest, columns, per_class_cap, seed, collected)
         collected.funnel["kept"] = int(collected.per_class.sum())
         seconds = time.perf_counter() - started
         per_class = dict(zip(task.class_names, collected.per_class.tolist()))
@@ -321,24 +320,21 @@ def _rows_table(details: pa.Table, take: list[int], labels: list[int], texts: li
     return pa.table(columns)
 
 
-def _cap_per_class(scanned: Path, manifest: Path, cap: int, seed: int, collected: _Collected) -> None:
+def _cap_per_class(scanned: Path, manifest: Path, columns: list[str], cap: int, seed: int, collected: _Collected) -> None:
     """At most `cap` rows per label: those with the smallest seeded hash of their uid, in input order.
-    The scanned rows are read back a row group at a time (their uids once, as 8-byte ranks)."""
-    with contextlib.closing(pq.ParquetFile(scanned)) as rows:
-        groups = range(rows.num_row_groups)
-        ranks, labels = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)]
-        for i in groups:
-            head = rows.read_row_group(i, columns=["uid", "label"])
-            ranks.append(seeded_ranks(head.column("uid").to_pylist(), seed))
-            labels.append(head.column("label").to_numpy())
-        ranks, labels = np.concatenate(ranks), np.concatenate(labels)
-        keep = subset_per_class_by_rank(ranks, labels, lambda n: min(n, cap))
-        with ManifestWriter(manifest, rows.schema_arrow.names) as writer:
-            start = 0
-            for i in groups:
-                group = rows.read_row_group(i)
-                writer.write(group.filter(pa.array(keep[start : start + group.num_rows])))
-                start += group.num_rows
+    The scanned rows are read back a row group at a time, twice: first their uids, kept as 8-byte ranks
+    (and labels), then whole row groups, filtered on their way to the manifest."""
+    ranks, labels = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)]
+    for group in iter_manifest(scanned, columns=()):
+        ranks.append(seeded_ranks(group.column("uid").to_pylist(), seed))
+        labels.append(group.column("label").to_numpy())
+    ranks, labels = np.concatenate(ranks), np.concatenate(labels)
+    keep = subset_per_class_by_rank(ranks, labels, lambda n: min(n, cap))
+    with ManifestWriter(manifest, columns) as writer:
+        start = 0
+        for group in iter_manifest(scanned):
+            writer.write(group.filter(pa.array(keep[start : start + group.num_rows])))
+            start += group.num_rows
     scanned.unlink()
     collected.funnel["capped"] = len(keep) - int(keep.sum())
     collected.per_class = np.bincount(labels[keep], minlength=len(collected.per_class))

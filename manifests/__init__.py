@@ -2,6 +2,7 @@
 
 from manifests.io import (
     ManifestWriter,
+    iter_manifest,
     manifest_dir,
     read_manifest,
     read_report,
@@ -22,6 +23,7 @@ __all__ = [
     "SOURCES",
     "conform",
     "hashed_subset_rank",
+    "iter_manifest",
     "manifest_dir",
     "read_manifest",
     "read_report",

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from manifests.schema import manifest_schema, validate
+from manifests.schema import REQUIRED_COLUMNS, manifest_schema, validate
 
 MANIFEST_NAME = "manifest.parquet"
 REPORT_NAME = "report.json"
@@ -31,18 +31,47 @@ def manifest_dir(path: str | os.PathLike) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def read_manifest(path: str | os.PathLike) -> pa.Table:
-    """Read and validate a manifest parquet file (or a folder holding manifest.parquet)."""
+def read_manifest(path: str | os.PathLike, columns: Iterable[str] | None = None) -> pa.Table:
+    """Read and validate a manifest parquet file (or a folder holding manifest.parquet).
+
+    With `columns`, only the required columns and those of `columns` that the file has are read."""
+    path = _manifest_file(path)
+    try:
+        with pq.ParquetFile(path) as file:
+            table = file.read(columns=_columns_to_read(file, columns))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CurateError(f"cannot read manifest {path}: {exc}") from None
+    return validate(table, where=f"manifest {path}")
+
+
+def iter_manifest(path: str | os.PathLike, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
+    """A manifest one row group at a time, each validated (for rows that need not all be in memory);
+    `columns` as in read_manifest."""
+    path = _manifest_file(path)
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CurateError(f"cannot read manifest {path}: {exc}") from None
+    with file:
+        read = _columns_to_read(file, columns)
+        for group in range(file.num_row_groups):
+            yield validate(file.read_row_group(group, columns=read), where=f"manifest {path}")
+
+
+def _manifest_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.exists():
         raise CurateError(f"manifest not found: {path}")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CurateError(f"cannot read manifest {path}: {exc}") from None
-    return validate(table, where=f"manifest {path}")
+    return path
+
+
+def _columns_to_read(file: pq.ParquetFile, columns: Iterable[str] | None) -> list[str] | None:
+    if columns is None:
+        return None
+    present = set(file.schema_arrow.names)
+    return [name for name in dict.fromkeys([*REQUIRED_COLUMNS, *columns]) if name in present]
 
 
 def write_manifest(table: pa.Table, path: str | os.PathLike) -> pa.Table:

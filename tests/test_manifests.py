@@ -10,6 +10,7 @@ from curate.errors import CurateError
 from manifests import (
     ManifestWriter,
     hashed_subset_rank,
+    iter_manifest,
     read_manifest,
     staged_output_dir,
     uid_for_synthetic,
@@ -96,12 +97,32 @@ def test_writer_leaves_nothing_when_the_block_fails_or_a_piece_is_invalid(tmp_pa
     assert os.listdir(tmp_path) == []
 
 
+def test_read_only_some_columns_whole_or_a_row_group_at_a_time(tmp_path):
+    written = write_manifest(table(url=["u1", "u2"], width=[3, 4]), tmp_path / "manifest.parquet")
+    wanted = ("width", "image_path")  # the file has no image_path: skipped
+    assert read_manifest(tmp_path, columns=wanted).column_names == ["uid", "label", "class_name", "source", "caption", "width"]
+    assert read_manifest(tmp_path, columns=()).equals(written.drop_columns(["url", "width"]))
+    with ManifestWriter(tmp_path / "groups.parquet", ["uid", "label", "class_name", "source", "caption"], row_group_rows=10) as writer:
+        writer.write(rows(25))
+    groups = list(iter_manifest(tmp_path / "groups.parquet", columns=()))
+    assert [g.num_rows for g in groups] == [10, 10, 5]
+    assert pa.concat_tables(groups).equals(read_manifest(tmp_path / "groups.parquet"))
+    with pytest.raises(CurateError, match="missing required column"):
+        next(iter_manifest(_parquet(table().drop_columns(["source"]), tmp_path / "bad.parquet")))
+
+
+def _parquet(data: pa.Table, path):
+    pq.write_table(data, path)
+    return path
+
+
 def test_unreadable_and_missing_manifest(tmp_path):
     (tmp_path / "m.parquet").write_text("nope")
-    with pytest.raises(CurateError, match="cannot read manifest"):
-        read_manifest(tmp_path / "m.parquet")
-    with pytest.raises(CurateError, match="manifest not found"):
-        read_manifest(tmp_path / "missing.parquet")
+    for read in (read_manifest, lambda path: next(iter_manifest(path))):
+        with pytest.raises(CurateError, match="cannot read manifest"):
+            read(tmp_path / "m.parquet")
+        with pytest.raises(CurateError, match="manifest not found"):
+            read(tmp_path / "missing.parquet")
 
 
 def test_failed_write_leaves_previous_file(tmp_path):
