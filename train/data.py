@@ -103,7 +103,7 @@ def load_train_sources(paths: list[str | Path], class_names: list[str], fraction
 
 
 def _load_source(path: Path, class_names: list[str], fraction: float, seed: int) -> TrainSource:
-    table = read_manifest(path)
+    table = read_manifest(path, columns=IMAGE_LOCATION_COLUMNS)  # only what training uses: no url, matched text or metadata
     folder = manifest_dir(path)
     if table.num_rows == 0:
         raise CurateError(f"train manifest {path} is empty")
