@@ -39,7 +39,7 @@ class MetadataFile:
     path: str
     num_rows: int
     columns: dict[str, str]  # manifest name -> column in the file (url, caption and carried ones)
-    row_group_ends: tuple[int, ...] = ()  # file row number one past each row group
+    row_group_ends: tuple[int, ...]  # file row number one past each row group
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:

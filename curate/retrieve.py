@@ -1,9 +1,11 @@
 """`curate retrieve`: targeted real data from LAION-style metadata (DESIGN §3).
 
-DuckDB streams each parquet file (files sorted by path, rows in file order); each Arrow batch goes
-through the quality filters, the multi-literal candidate finder and, for the few candidate rows, the
-exact class rules; matched rows are de-duplicated by URL, optionally capped per class, and written as a
-manifest with a funnel report.
+Two passes over each parquet file (files sorted by path, rows in file order). Pass 1 streams the captions
+from DuckDB: the multi-literal candidate finder scans each Arrow batch whole, and the exact class rules run
+on the few candidate rows. Pass 2 reads the url and metadata of the matched rows, a run of row groups at a
+time, in a background thread. Matched rows then go through ambiguity, the quality filters and URL
+de-duplication, and are written to the manifest as they come; a per-class cap reads them back once written.
+A funnel report goes beside the manifest.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def retrieve(
     matcher = CaptionMatcher(task.classes, mode=match_mode, threads=threads)
     with staged_output_dir(out, overwrite=overwrite) as staging:
         manifest = staging / MANIFEST_NAME
-        # matched rows go to disk as they come (memory holds only the URLs seen); a cap reads them back once
+        # matched rows go to disk as they come (memory holds only the URLs seen); a cap reads them back
         scanned = manifest if per_class_cap is None else staging / ".uncapped.parquet"
         columns = _manifest_columns(sources)
         with ManifestWriter(scanned, columns) as writer:
