@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.choices import FILTER_MODES
+from curate.choices import FILTER_MODES, check_choice
 from curate.embeddings import ImageRows, iter_image_embeddings, iter_precomputed
 from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
@@ -155,8 +155,7 @@ def filter_images(
 
 # ---------------------------------------------------------------- options and inputs
 def _check_options(mode, threshold, percentile, per_class_cap, batch_size, workers) -> None:
-    if mode not in FILTER_MODES:
-        raise CurateError(f"mode must be one of {', '.join(FILTER_MODES)}, got '{mode}'")
+    check_choice("--mode", mode, FILTER_MODES)
     if threshold is None or not -1.0 <= float(threshold) <= 1.0:
         raise CurateError(f"threshold must be in [-1, 1], got {threshold}")
     if percentile is not None and not 0.0 < float(percentile) <= 100.0:

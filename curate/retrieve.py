@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from curate.choices import MATCH_MODES, MULTI_CLASS
+from curate.choices import MATCH_MODES, MULTI_CLASS, check_choice
 from curate.errors import CurateError
 from curate.matching import CaptionMatcher, ClassHit
 from curate.metadata import CARRIED_COLUMNS, MetadataFile, expand_inputs, fetch_rows, inspect_file, prefetch, stream_captions
@@ -118,10 +118,8 @@ def retrieve(
     """
     started = time.perf_counter()
     task = load_task(task)
-    if match_mode not in MATCH_MODES:
-        raise CurateError(f"--match must be one of {', '.join(MATCH_MODES)}, got {match_mode!r}")
-    if multi_class not in MULTI_CLASS:
-        raise CurateError(f"--multi-class must be one of {', '.join(MULTI_CLASS)}, got {multi_class!r}")
+    check_choice("--match", match_mode, MATCH_MODES)
+    check_choice("--multi-class", multi_class, MULTI_CLASS)
     filters = QualityFilters(max_punsafe, max_pwatermark, min_side)
     sources = [inspect_file(path, url_col, caption_col) for path in expand_inputs(metadata)]
     _check_filter_columns(sources, filters)

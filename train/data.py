@@ -24,7 +24,7 @@ from curate.errors import CurateError
 from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest, read_report
 from manifests.images import IMAGE_SUFFIXES, has_images, image_rows, open_image, safe_name
 from manifests.uid import seeded_subset_per_class
-from curate.choices import MIX_MODES
+from curate.choices import MIX_MODES, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,7 @@ class BatchPlan:
     """
 
     def __init__(self, sizes: list[int], batch_size: int, weights: list[float] | None = None, mode: str = "data", seed: int = 0):
-        if mode not in MIX_MODES:
-            raise CurateError(f"unknown mix mode '{mode}'; choose one of {', '.join(MIX_MODES)}")
+        check_choice("--mix-mode", mode, MIX_MODES)
         self.sizes, self.batch_size, self.weights, self.mode, self.seed = list(sizes), batch_size, weights, mode, seed
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.epoch = 0

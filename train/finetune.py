@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from curate.choices import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY
+from curate.choices import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY, check_choice
 from curate.errors import CurateError
 
 log = logging.getLogger(__name__)
@@ -162,15 +162,14 @@ def _check_options(s: dict[str, Any]) -> None:
         raise CurateError("--out is required")
     if not s["eval_task"] or not s["eval_data"]:
         raise CurateError("--eval-task and --eval-data are required")
+    for option, choices in (("select_by", SELECT_BY), ("precision", PRECISIONS), ("keep_checkpoints", KEEP_CHECKPOINTS),
+                            ("mix_mode", MIX_MODES)):
+        check_choice("--" + option.replace("_", "-"), s[option], choices)
     checks = [
         (s["epochs"] >= 1 or s["eval_only"], f"--epochs must be >= 1, got {s['epochs']}"),
         (s["batch_size"] >= 1, f"--batch-size must be >= 1, got {s['batch_size']}"),
         (s["lr"] > 0 and s["wd"] >= 0 and s["warmup"] >= 0, "--lr must be > 0, --wd and --warmup >= 0"),
         (s["freeze_blocks"] >= 0, f"--freeze-blocks must be >= 0, got {s['freeze_blocks']}"),
-        (s["select_by"] in SELECT_BY, f"--select-by must be one of {', '.join(SELECT_BY)}"),
-        (s["precision"] in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
-        (s["keep_checkpoints"] in KEEP_CHECKPOINTS, f"--keep-checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}"),
-        (s["mix_mode"] in MIX_MODES, f"--mix-mode must be {' or '.join(MIX_MODES)}, got {s['mix_mode']!r}"),
         (not (s["init_from"] and s["pretrained"]), "give --init-from or --pretrained, not both"),
         (s["accum_steps"] is None or s["accum_steps"] >= 1, "--accum-steps must be >= 1"),
     ]
