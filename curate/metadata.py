@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.errors import CurateError
+from curate.errors import CurateError, first_line
 
 T = TypeVar("T")
 
@@ -66,7 +66,7 @@ def inspect_file(path: str, url_col: str | None = None, caption_col: str | None 
     try:
         meta = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise CurateError(f"{path} is not a readable parquet file: {str(exc).splitlines()[0]}") from None
+        raise CurateError(f"{path} is not a readable parquet file: {first_line(exc)}") from None
     names = list(meta.schema.to_arrow_schema().names)
     columns = {
         "url": _pick(names, url_col, URL_COLUMNS, "URL", path, "--url-col"),
@@ -183,7 +183,7 @@ def _run(con, query: str, params: dict, fetch):
             return result
         return _guarded(result, params["path"])
     except duckdb.Error as exc:
-        raise CurateError(f"cannot read {params['path']}: {str(exc).splitlines()[0]}") from None
+        raise CurateError(f"cannot read {params['path']}: {first_line(exc)}") from None
 
 
 def _guarded(reader, path: str) -> Iterator[pa.RecordBatch]:
@@ -192,4 +192,4 @@ def _guarded(reader, path: str) -> Iterator[pa.RecordBatch]:
     try:
         yield from reader
     except (duckdb.Error, pa.ArrowException) as exc:
-        raise CurateError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise CurateError(f"cannot read {path}: {first_line(exc)}") from None

@@ -18,7 +18,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError
+from curate.errors import CurateError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,6 @@ def encode_images(bundle: ClipBundle, images, device: str = "cpu"):
     with torch.no_grad(), autocast:
         features = bundle.model.encode_image(images.to(device, non_blocking=on_cuda))
     return torch.nn.functional.normalize(features.float(), dim=-1)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty), for one-line errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:

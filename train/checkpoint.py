@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from curate.errors import CurateError
-from curate.models import first_line
+from curate.errors import CurateError, first_line
 from manifests.io import atomic_write
 
 log = logging.getLogger(__name__)
