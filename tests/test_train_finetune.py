@@ -83,7 +83,9 @@ def test_report_files_and_keys(reference, world, tmp_path):
     assert (reference.out / "val_accuracy.png").read_bytes() == again.read_bytes()
     checkpoints = {p.name for p in (reference.out / "checkpoints").iterdir()}
     assert checkpoints == {"best.pt", "last.pt"}
-    assert (reference.out / "features" / "epoch0_train.npz").exists()
+    best = f"best_epoch{reference.best_epoch}"
+    splits = ("train", "val", "test")
+    assert {p.name for p in (reference.out / "features").iterdir()} == {f"{tag}_{s}.npz" for tag in ("epoch0", best) for s in splits}
 
 
 def test_resume_after_a_kill_gives_the_same_metrics(reference, world, tmp_path, monkeypatch):
@@ -201,6 +203,23 @@ def test_mixloss_and_frozen_layers_run(world, tmp_path, monkeypatch):
     assert report["settings"]["mix_mode"] == "loss"
     # MixLoss: every batch of 32 holds a fixed 16 + 16 from the two sources, and the loss weighs each source's mean
     assert steps == [(True, [16, 16])] * 5  # ceil(150 / 32) batches in the epoch
+
+
+def test_probe_selected_run_ends_without_encoding_train_or_val_or_sweeping_again(world, tmp_path, monkeypatch):
+    import train.evaluate
+
+    sweeps, encoded = [], []
+    sweep_l2, extract = train.evaluate.sweep_l2, train.evaluate.extract_features
+    monkeypatch.setattr(train.evaluate, "sweep_l2", lambda *a, **k: sweeps.append(1) or sweep_l2(*a, **k))
+    monkeypatch.setattr(train.evaluate, "extract_features", lambda *a, desc, **k: encoded.append(desc) or extract(*a, desc=desc, **k))
+    result = finetune_and_probe(train=[str(world.manifest)], eval_task=str(world.task_file), eval_data=str(world.eval_dir),
+                                out=str(tmp_path / "probe"), **{**RUN, "epochs": 2, "select_by": "linear_probe"})
+    assert len(sweeps) == 1 + 2  # epoch 0, then once per epoch; the end reuses the best epoch's
+    assert encoded == ["train features", "val features", "test features"] + ["val features", "train features"] * 2 + ["test features"]
+    best = _history(result.out)[result.best_epoch]
+    assert result.metrics["val_linear_probe_top1"] == best["val_linear_probe_top1"]
+    assert result.metrics["linear_probe_l2"] == best["linear_probe_l2"]
+    assert (result.out / "features" / f"best_epoch{result.best_epoch}_sweep.npz").exists()
 
 
 def test_demo_finetune_writes_its_own_eval_folder(world, tmp_path):

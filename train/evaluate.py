@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from manifests.io import atomic_write
-from train.linear_probe import L2_GRID, fit_probe, sweep_l2
+from train.linear_probe import L2_GRID, SweepResult, fit_probe, sweep_l2
 
 
 def autocast(device: str, dtype):
@@ -57,12 +57,31 @@ def cached_features(cache: Path | None, key: str, compute) -> tuple[np.ndarray, 
 
 def save_features(cache: Path, key: str, x: np.ndarray, y: np.ndarray) -> Path:
     """Write (or replace) `cache/key.npz`, the file `cached_features` reads back."""
+    return _save_npz(cache / f"{key}.npz", x=x, y=y)
 
+
+def save_sweep(cache: Path, key: str, sweep: SweepResult) -> Path:
+    """Write `cache/key.npz`, a sweep that `load_sweep` reads back (the end of a run reuses the best epoch's)."""
+    weights = sweep.weights.cpu().numpy() if isinstance(sweep.weights, torch.Tensor) else np.asarray(sweep.weights)
+    return _save_npz(cache / f"{key}.npz", l2=sweep.l2, val_top1=sweep.val_top1, seconds=sweep.seconds,
+                     curve=np.asarray(sweep.curve, dtype=np.float64).reshape(-1, 2), weights=weights)
+
+
+def load_sweep(cache: Path, key: str) -> SweepResult | None:
+    """The sweep `save_sweep` wrote under `key`, or None if there is none."""
+    path = cache / f"{key}.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        curve = [(float(l2), float(top1)) for l2, top1 in data["curve"]]
+        return SweepResult(float(data["l2"]), float(data["val_top1"]), curve, data["weights"], float(data["seconds"]))
+
+
+def _save_npz(path: Path, **arrays) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:  # a file object: np.savez would add ".npz" to a name
-            np.savez(handle, x=x, y=y)
+            np.savez(handle, **arrays)
 
-    path = cache / f"{key}.npz"
     atomic_write(path, write)
     return path
 
@@ -111,9 +130,12 @@ def probe_test(sweep, train, val, test, n_classes: int) -> dict[str, float]:
     return {**metrics, "linear_probe_l2": sweep.l2, "linear_probe_val_top1": sweep.val_top1, "linear_probe_sweep_seconds": round(sweep.seconds, 3)}
 
 
-def full_metrics(classifier, features: dict[str, tuple[np.ndarray, np.ndarray]], n_classes: int) -> dict[str, float]:
-    """Test metrics (zero-shot, head, linear probe) plus val metrics, from features of train/val/test."""
-    sweep, _ = probe_sweep(features["train"], features["val"], n_classes)
+def full_metrics(classifier, features: dict[str, tuple[np.ndarray, np.ndarray]], n_classes: int,
+                 sweep: SweepResult | None = None) -> dict[str, float]:
+    """Test metrics (zero-shot, head, linear probe) plus val metrics, from features of train/val/test; the L2
+    sweep over these train/val features is run here unless it is given (it is deterministic)."""
+    if sweep is None:
+        sweep, _ = probe_sweep(features["train"], features["val"], n_classes)
     return {
         **head_metrics(classifier, *features["test"], n_classes),
         **probe_test(sweep, features["train"], features["val"], features["test"], n_classes),

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "run_settings.json"
 EPOCHS_FILE = "epochs.jsonl"
 EPOCH0_FILE = "epoch0_metrics.json"
-BEST_KEY = "best_epoch"  # features/best_epoch{N}_{split}.npz: features of the weights in best.pt (epoch N)
+BEST_KEY = "best_epoch"  # features/best_epoch{N}_{split}.npz (and _sweep.npz): of the weights in best.pt (epoch N)
 _NOT_SETTINGS = ("out", "overwrite", "resume", "workers", "eval_batch_size")
 
 
@@ -279,10 +279,11 @@ def _features(run: _Run, split: str, cache_key: str | None = None):
 
 
 def _full_eval(run: _Run, tag: str) -> dict[str, float]:
-    from train.evaluate import full_metrics
+    from train.evaluate import full_metrics, load_sweep
 
     features = {split: _features(run, split, cache_key=tag) for split in ("train", "val", "test")}
-    return full_metrics(run.classifier, features, len(run.task.classes))
+    sweep = load_sweep(run.out / "features", f"{tag}_sweep")  # the best epoch's, saved by _save_best if kept
+    return full_metrics(run.classifier, features, len(run.task.classes), sweep=sweep)
 
 
 def _epoch0_metrics(run: _Run, history: list[dict[str, Any]]) -> dict[str, float]:
@@ -300,27 +301,31 @@ def _epoch0_metrics(run: _Run, history: list[dict[str, Any]]) -> dict[str, float
     return metrics
 
 
-def _val_metrics(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
-    """Val metrics of the current model, and the features they came from: val (and train for the probe)."""
+def _val_metrics(run: _Run) -> tuple[dict[str, float], dict[str, Any], Any]:
+    """Val metrics of the current model, the features they came from (val, and train for the probe), and the
+    probe's L2 sweep (None unless the probe selects the best epoch)."""
     from train.evaluate import head_metrics, probe_sweep
 
     n_classes = len(run.task.classes)
     features = {"val": _features(run, "val")}
     metrics = head_metrics(run.classifier, *features["val"], n_classes, prefix="val_")
+    sweep = None
     if run.settings["select_by"] == "linear_probe":
         features["train"] = _features(run, "train")
-        metrics.update(probe_sweep(features["train"], features["val"], n_classes)[1])
-    return metrics, features
+        sweep, probe_metrics = probe_sweep(features["train"], features["val"], n_classes)
+        metrics.update(probe_metrics)
+    return metrics, features, sweep
 
 
-def _save_best(run: _Run, epoch: int, features: dict[str, Any]) -> None:
-    """best.pt, and the epoch's features under the keys `_finish` looks up, so that it encodes only test.
+def _save_best(run: _Run, epoch: int, features: dict[str, Any], sweep) -> None:
+    """best.pt, and the epoch's features (and L2 sweep) under the keys `_finish` looks up, so that it encodes
+    only test and sweeps no L2 again.
 
-    The features of earlier bests are deleted first: a kept file always belongs to the weights in
-    best.pt (a kill in between leaves none, and `_finish` encodes those splits again).
+    The files of earlier bests are deleted first: a kept file always belongs to the weights in best.pt
+    (a kill in between leaves none, and `_finish` encodes those splits and sweeps again).
     """
     from train.checkpoint import save_checkpoint
-    from train.evaluate import save_features
+    from train.evaluate import save_features, save_sweep
 
     cache = run.out / "features"
     for stale in cache.glob(f"{BEST_KEY}*.npz"):
@@ -328,6 +333,8 @@ def _save_best(run: _Run, epoch: int, features: dict[str, Any]) -> None:
     save_checkpoint(run.out / "checkpoints" / "best.pt", run.bundle, run.classifier, run.task.class_names, epoch)
     for split, (x, y) in features.items():
         save_features(cache, f"{BEST_KEY}{epoch}_{split}", x, y)
+    if sweep is not None:
+        save_sweep(cache, f"{BEST_KEY}{epoch}_sweep", sweep)
 
 
 def _append_history(out: Path, record: dict[str, Any]) -> None:
@@ -357,14 +364,14 @@ def _train(run: _Run, history: list[dict[str, Any]]) -> None:
         stats = run.trainer.train_epoch(loader, epoch)
         run.train_seconds += stats["seconds"]
         run.train_images += stats["images"]
-        metrics, features = _val_metrics(run)
+        metrics, features, sweep = _val_metrics(run)
         record = {"epoch": epoch, **stats, "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), **metrics}
         _append_history(run.out, record)
         history.append(record)
         score = [record[k] for k in tie_breaks]  # the selected val metric; ties: head, then zero-shot, then earliest
         if score > best["score"]:
             best = {"epoch": epoch, "score": score}
-            _save_best(run, epoch, features)
+            _save_best(run, epoch, features, sweep)
         if run.settings["keep_checkpoints"] == "all":
             save_checkpoint(run.out / "checkpoints" / f"epoch_{epoch}.pt", run.bundle, run.classifier, run.task.class_names, epoch)
         extra = {"trainer": run.trainer.state_dict(), "best": best, "train_seconds": run.train_seconds, "train_images": run.train_images}
@@ -425,7 +432,7 @@ def _finish(run: _Run, history: list[dict[str, Any]], epoch0: dict[str, float], 
         best_epoch = int(state["epoch"])
         run.bundle.model.load_state_dict(state["state_dict"])
         run.classifier.head.load_state_dict(state["head"])
-        metrics = _full_eval(run, f"{BEST_KEY}{best_epoch}")  # train / val features saved by _save_best, if kept
+        metrics = _full_eval(run, f"{BEST_KEY}{best_epoch}")  # train / val features and sweep saved by _save_best, if kept
     images_per_s = run.train_images / run.train_seconds if run.train_seconds else 0.0
     n_train = sum(src.rows for src in run.sources)
     epochs_run = max((h["epoch"] for h in history), default=0)
