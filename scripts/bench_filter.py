@@ -107,7 +107,6 @@ def time_core(emb_dir: Path, manifest: Path, dim: int) -> float:
     """The filter's scoring of precomputed embeddings (domain mode), without model, report or output."""
     from curate.embeddings import iter_precomputed
     from curate.filter import score_embeddings
-    from manifests.images import image_rows
     from manifests.io import read_manifest
 
     table = read_manifest(manifest)

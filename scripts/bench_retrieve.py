@@ -170,7 +170,7 @@ def main() -> None:
         "ratio_a_over_b": round(medians["a_retrieve"] / medians["b_bare_scan"], 2),
         # each (a) next to the (b) run right after it: steadier than the ratio of medians on a noisy machine
         "ratio_a_over_b_paired_median": round(statistics.median(
-            a / b for a, b in zip(times["a_retrieve"], times["b_bare_scan"])), 2),
+            a / b for a, b in zip(times["a_retrieve"], times["b_bare_scan"], strict=True)), 2),
         "ratio_a_over_e": round(medians["a_retrieve"] / medians["e_bare_scan_all_columns"], 2),
         "median_cpu_s": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
         "retrieve_rows_per_s": round(args.rows / medians["a_retrieve"]),

@@ -8,7 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from manifests.io import write_manifest
-from train.synthetic_world import DEMO_CLASSES as CLASSES
+from train.synthetic_world import DEMO_CLASSES
+
+CLASSES = DEMO_CLASSES
 SMALL = {"model": "tiny-clip", "lr": 1e-3, "batch_size": 32, "warmup": 0, "workers": 0, "device": "cpu"}
 
 

@@ -121,7 +121,7 @@ def test_decontamination_runs_after_the_score_rule_and_before_the_cap(planted, t
     assert result.counts["capped"] == 3
     # a threshold just above train-dup's score: the score rule drops it, so decontamination never sees it
     scored = read_manifest(filter_images(task, manifest, tmp_path / "scores", threshold=-1, **TINY).out).to_pandas()
-    scores = dict(zip(scored.uid, scored.clip_score))
+    scores = dict(zip(scored.uid, scored.clip_score, strict=True))
     cut = float(scores["train-dup"]) + 1e-4
     assert scores["copy-resized"] > cut and scores["copy-recompressed"] > cut  # the eval copies pass the score rule
     below = sum(score < cut for score in scores.values())
@@ -138,7 +138,7 @@ def test_decontaminate_alone_embeds_the_training_images_itself(planted):
     task, manifest, eval_dir, _ = planted
     table = read_manifest(manifest)
     result = decontaminate(table, manifest.parent, eval_dir, cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
-    dropped = {uid for uid, keep in zip(table.column("uid").to_pylist(), result.keep) if not keep}
+    dropped = {uid for uid, keep in zip(table.column("uid").to_pylist(), result.keep, strict=True) if not keep}
     assert dropped == {"copy-resized", "copy-recompressed", "train-dup"}
     loose = decontaminate(table, manifest.parent, eval_dir, cosine_threshold=0.95, phash_distance=RADIUS, **TINY)
     assert loose.counts["dropped"] > 3  # what a random tiny model does at the ViT-B-16 default

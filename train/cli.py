@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from curate.console import CONTEXT, Command, configure_logging
 from curate.choices import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY
+from curate.console import CONTEXT, Command, configure_logging
 
 
 @click.command("finetune-and-probe", cls=Command, context_settings=CONTEXT)

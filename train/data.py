@@ -20,11 +20,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from curate.choices import MIX_MODES, check_choice
 from curate.errors import CurateError
 from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest, read_report
-from manifests.images import IMAGE_SUFFIXES, has_images, image_rows, open_image, safe_name
+from manifests.images import (
+    IMAGE_SUFFIXES,
+    has_images,
+    image_rows,
+    open_image,
+    safe_name,
+)
 from manifests.uid import seeded_subset_per_class
-from curate.choices import MIX_MODES, check_choice
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from curate.choices import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY, check_choice
+from curate.choices import (
+    KEEP_CHECKPOINTS,
+    MIX_MODES,
+    PRECISIONS,
+    SELECT_BY,
+    check_choice,
+)
 from curate.errors import CurateError
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,11 @@
 """Task files (DESIGN §2): the builtin YAML tasks beside this file, and the loader."""
 
-from curate.tasks.task import ClassSpec, Task, builtin_task, builtin_task_names, load_task
+from curate.tasks.task import (
+    ClassSpec,
+    Task,
+    builtin_task,
+    builtin_task_names,
+    load_task,
+)
 
 __all__ = ["ClassSpec", "Task", "builtin_task", "builtin_task_names", "load_task"]
