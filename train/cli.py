@@ -8,6 +8,7 @@ import click
 
 from curate.choices import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY
 from curate.console import CONTEXT, Command, configure_logging
+from curate.models import DEFAULT_CLIP
 
 
 @click.command("finetune-and-probe", cls=Command, context_settings=CONTEXT)
@@ -18,7 +19,7 @@ from curate.console import CONTEXT, Command, configure_logging
 @click.option("--eval-task", required=True, help="Builtin task name or task file: class names and templates.")
 @click.option("--eval-data", required=True, type=click.Path(), help="ImageFolder root: {train,val,test}/<class name>/*.")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Run folder (report.json, epochs.jsonl, checkpoints/).")
-@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip architecture, model folder, or tiny-clip.")
+@click.option("--model", default=DEFAULT_CLIP[0], show_default=True, help="open_clip architecture, model folder, or tiny-clip.")
 @click.option("--pretrained", default=None, help="open_clip tag or checkpoint path (default: the registry's default).")
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--lr", type=float, default=1e-5, show_default=True)

@@ -26,6 +26,7 @@ from curate.choices import (
     check_choice,
 )
 from curate.errors import CurateError
+from curate.models import DEFAULT_CLIP
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def finetune_and_probe(
     out: str = "",
     mix: str | list[float] | None = None,
     mix_mode: str = "data",
-    model: str = "ViT-B-16",
+    model: str = DEFAULT_CLIP[0],
     pretrained: str | None = None,
     epochs: int = 30,
     lr: float = 1e-5,
