@@ -41,8 +41,6 @@ def make_trainer(model_name: str, device: str, batch: int, amp, fused: bool, com
 
     bundle = load_clip(model_name, None, device="cpu")
     classifier = build_classifier(bundle, CLASSES, ["a photo of a {}."], device=device)
-    if channels_last:
-        classifier.to(memory_format=torch.channels_last)
     config = TrainConfig(epochs=1, lr=1e-5, warmup=10, accum_steps=default_accum_steps(batch, device),
                          device=device, amp_dtype=amp, fused=fused, channels_last=channels_last)
     forward = torch.compile(classifier) if compiled else classifier

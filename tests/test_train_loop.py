@@ -73,6 +73,13 @@ def test_gradient_accumulation_matches_the_full_batch(mix_loss, torch_one_thread
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_channels_last_converts_the_models_weights():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten())
+    Trainer(model, model, TrainConfig(epochs=1, channels_last=True), steps_per_epoch=1)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+
+
 def test_mixloss_weights_sum_per_source_means():
     weights = _sample_weights(torch.tensor([0, 0, 0, 1]), mix_loss=True)
     assert weights.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])

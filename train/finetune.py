@@ -412,8 +412,6 @@ def _make_trainer(run: _Run, steps_per_epoch: int) -> None:
         accum_steps=s["accum_steps"] or default_accum_steps(s["batch_size"], run.device), device=run.device,
         amp_dtype=run.amp_dtype, mix_loss=s["mix_mode"] == "loss" and run.weights is not None, fused=cuda, channels_last=cuda,
     )
-    if cuda:
-        run.classifier.to(memory_format=torch.channels_last)
     use_compile = s["compile"] if isinstance(s["compile"], bool) else cuda
     run.forward = torch.compile(run.classifier) if use_compile else run.classifier
     run.trainer = Trainer(run.classifier, run.forward, config, steps_per_epoch)

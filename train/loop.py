@@ -37,7 +37,7 @@ class TrainConfig:
     amp_dtype: Any = None  # torch.bfloat16 / torch.float16 on CUDA, None = fp32
     mix_loss: bool = False
     fused: bool = False  # fused AdamW (CUDA)
-    channels_last: bool = False  # feed images channels-last (CUDA; the model should be converted too)
+    channels_last: bool = False  # the model's weights and the images channels-last (a CUDA speed-up)
 
 
 def default_accum_steps(batch_size: int, device: str) -> int | None:
@@ -76,6 +76,8 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, forward, config: TrainConfig, steps_per_epoch: int):
         self.model, self.forward, self.config = model, forward, config
+        if config.channels_last:  # in place: a compiled `forward` of this model traces the converted weights
+            model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(model, config.lr, config.wd, fused=config.fused)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp_dtype == torch.float16)
         self.total_steps = config.epochs * steps_per_epoch
