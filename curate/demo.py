@@ -23,9 +23,9 @@ import numpy as np
 from curate.errors import CurateError
 from curate.localserver import serve_directory
 from curate.sample_metadata import write_laion_sample
-from curate.tasks import Task, load_task
+from curate.tasks import Task, builtin_task_file, load_task
 
-DEMO_TASK = "demo"
+DEMO_TASK = builtin_task_file("demo")  # the package's own file: a file named "demo" in the working folder cannot stand in
 IMAGE_SIZE = 64
 OFF_DOMAIN_EVERY = 8  # every 8th retrieved URL serves noise instead of its class's shape
 MISSING_EVERY = 20  # every 20th retrieved URL is missing on the server (a 404 for img2dataset)
@@ -128,4 +128,4 @@ def _finetune(out: Path, manifest: Path, eval_dir: Path, epochs: int, echo) -> N
     from train.demo import demo_finetune
 
     echo("[6/6] finetune-and-probe on the filtered set")
-    demo_finetune([manifest], out, eval_task=DEMO_TASK, eval_data=eval_dir, epochs=epochs, echo=echo)
+    demo_finetune([manifest], out, eval_task=str(DEMO_TASK), eval_data=eval_dir, epochs=epochs, echo=echo)

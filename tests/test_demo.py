@@ -8,8 +8,10 @@ from curate.cli import cli
 from manifests import read_manifest
 
 
-def test_demo_end_to_end(tmp_path, runner):
-    out = tmp_path / "demo"
+def test_demo_end_to_end(tmp_path, runner, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("a task file of the user's, named like the builtin task\n", encoding="utf-8")
+    out = tmp_path / "run"
     result = runner.invoke(cli, ["demo", "--out", str(out), "--rows", "3000"])
     assert result.exit_code == 0, result.output
     retrieved, downloaded, filtered = (read_manifest(out / step) for step in ("retrieved", "downloaded", "filtered"))

@@ -17,7 +17,7 @@ def demo_eval_folder(out: str | Path, class_names: list[str], per_class: int = 1
 def demo_finetune(
     manifests: list[str | Path],
     out: str | Path,
-    eval_task: str = "demo",
+    eval_task: str | None = None,
     eval_data: str | Path | None = None,
     eval_per_class: int = 12,
     epochs: int = 3,
@@ -26,12 +26,13 @@ def demo_finetune(
 ) -> FinetuneResult:
     """Finetune tiny-clip on the demo's curated manifest(s) and probe it on the task's shapes.
 
-    Without `eval_data`, an eval ImageFolder of drawn shapes for the task's classes is written to
-    OUT/eval first; the run itself goes to OUT/finetune.
+    `eval_task` defaults to the builtin demo task's file. Without `eval_data`, an eval ImageFolder of drawn
+    shapes for the task's classes is written to OUT/eval first; the run itself goes to OUT/finetune.
     """
-    from curate.tasks import load_task
+    from curate.tasks import builtin_task_file, load_task
 
     out = Path(out)
+    eval_task = eval_task or str(builtin_task_file("demo"))
     task = load_task(eval_task)
     if eval_data is None:
         eval_data = demo_eval_folder(out, task.class_names, per_class=eval_per_class)

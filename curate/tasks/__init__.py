@@ -4,8 +4,9 @@ from curate.tasks.task import (
     ClassSpec,
     Task,
     builtin_task,
+    builtin_task_file,
     builtin_task_names,
     load_task,
 )
 
-__all__ = ["ClassSpec", "Task", "builtin_task", "builtin_task_names", "load_task"]
+__all__ = ["ClassSpec", "Task", "builtin_task", "builtin_task_file", "builtin_task_names", "load_task"]

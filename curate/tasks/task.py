@@ -63,10 +63,15 @@ def builtin_task_names() -> list[str]:
 
 def builtin_task(name: str) -> Task:
     """A builtin task by name, whatever the working folder holds."""
+    return load_task(builtin_task_file(name))
+
+
+def builtin_task_file(name: str) -> Path:
+    """The YAML file of builtin task `name`: a reference to it that no file in the working folder can shadow."""
     path = _builtin_path(name)
     if path is None:
         raise CurateError(f"no builtin task '{name}' ({', '.join(builtin_task_names())})")
-    return load_task(path)
+    return path
 
 
 def _builtin_path(name: str) -> Path | None:
