@@ -171,12 +171,15 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str
     return full
 
 
+def report_file(location: str | os.PathLike) -> Path:
+    """The report file of a stage's output folder, or `location` itself if it names a report file."""
+    path = Path(location)
+    return path / REPORT_NAME if path.is_dir() else path
+
+
 def read_report(location: str | os.PathLike) -> dict[str, Any]:
     """A stage's report: from its output folder, or from a report file named directly."""
-    path = Path(location)
-    if path.is_dir():
-        path = path / REPORT_NAME
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(report_file(location).read_text(encoding="utf-8"))
 
 
 def command_line() -> str:

@@ -238,7 +238,9 @@ def _open_run(run: _Run, settings: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _check_resumable(out: Path, fingerprint: dict[str, Any], resume: bool) -> None:
-    if (out / "report.json").exists() or not (out / SETTINGS_FILE).exists():
+    from manifests.io import REPORT_NAME
+
+    if (out / REPORT_NAME).exists() or not (out / SETTINGS_FILE).exists():
         raise CurateError(f"output directory {out} already exists (use --overwrite to replace it)")
     if not resume:
         raise CurateError(f"output directory {out} holds an interrupted run (resume it, or use --overwrite)")

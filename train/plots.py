@@ -51,12 +51,12 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
 
 def scale_points(run_dirs: list[str | Path], metric: str = "linear_probe_top1") -> dict[str, Any]:
     """Per source: sorted (n_train_images, metric) of the best epoch; plus the runs' epoch-0 values."""
-    from manifests.io import read_report
+    from manifests.io import read_report, report_file
 
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     baseline = []
     for run in run_dirs:
-        path = Path(run) / "report.json" if Path(run).is_dir() else Path(run)  # a run folder or its report.json
+        path = report_file(run)  # a run folder or its report file
         if not path.exists():
             raise CurateError(f"no report.json in {run}")
         report = read_report(path)
