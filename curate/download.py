@@ -50,7 +50,6 @@ from manifests.schema import IMAGE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = IMG2DATASET_FILE  # img2dataset's input, named as `curate export --format img2dataset` names it
 STATE_NAME = "download_state.json"
 FAILED_NAME = "failed.parquet"
 _RESULT_COLUMNS = ["uid", "key", "status", "error_message", "width", "height", "sha256"]
@@ -133,8 +132,8 @@ def download(
     timing = {"seconds": 0.0}
     if len(done_before) < len(shard_names):
         _remove_partial_shards(data_dir, shard_names, done_before)
-        _write_parquet(sendable.select(["url", "caption", "uid"]), out / INPUT_NAME)
-        timing = _run_img2dataset(out / INPUT_NAME, data_dir, options)
+        _write_parquet(sendable.select(["url", "caption", "uid"]), out / IMG2DATASET_FILE)
+        timing = _run_img2dataset(out / IMG2DATASET_FILE, data_dir, options)
     results = _collect_results(data_dir, shard_names, sendable.num_rows)
     downloaded, failed = _split_results(table, results, output_format, encode_format)
     report = _report(table, downloaded, failed, results, manifest, options, resumed)
@@ -399,7 +398,7 @@ def _finish(out: Path, downloaded: pa.Table, failed: pa.Table, report: dict[str,
     write_report(out, report)
     write_manifest(downloaded, out / MANIFEST_NAME)
     with contextlib.suppress(FileNotFoundError):
-        (out / INPUT_NAME).unlink()
+        (out / IMG2DATASET_FILE).unlink()
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
