@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import glob
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -17,6 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError, first_line
+from manifests import COLUMNS
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -32,6 +36,8 @@ CARRIED_COLUMNS: dict[str, tuple[str, ...]] = {
     "hash": ("hash",),
     "source_uid": ("uid",),
 }
+# manifest type -> the DuckDB type a carried column of another type is cast to (TRY_CAST: NULL where it can't)
+_SQL_TYPES = {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.string(): "VARCHAR"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +46,11 @@ class MetadataFile:
     num_rows: int
     columns: dict[str, str]  # manifest name -> column in the file (url, caption and carried ones)
     row_group_ends: tuple[int, ...]  # file row number one past each row group
+    # manifest name -> 1-based position of its column: queries select by position, because DuckDB renames
+    # columns whose names differ only in case ('url' and 'URL' in one file read as 'url' and 'URL_1')
+    positions: dict[str, int] = dataclasses.field(default_factory=dict)
+    casts: dict[str, str] = dataclasses.field(default_factory=dict)  # carried column -> SQL type it is cast to
+    binary_text: bool = False  # url or caption stored as bytes without the UTF-8 annotation: read as text
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -67,17 +78,55 @@ def inspect_file(path: str, url_col: str | None = None, caption_col: str | None 
         meta = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise CurateError(f"{path} is not a readable parquet file: {first_line(exc)}") from None
-    names = list(meta.schema.to_arrow_schema().names)
+    schema = meta.schema.to_arrow_schema()
     columns = {
-        "url": _pick(names, url_col, URL_COLUMNS, "URL", path, "--url-col"),
-        "caption": _pick(names, caption_col, CAPTION_COLUMNS, "caption", path, "--caption-col"),
+        "url": _pick(schema.names, url_col, URL_COLUMNS, "URL", path, "--url-col"),
+        "caption": _pick(schema.names, caption_col, CAPTION_COLUMNS, "caption", path, "--caption-col"),
     }
-    for target, candidates in CARRIED_COLUMNS.items():
-        found = _find(names, candidates)
-        if found and found not in columns.values():
-            columns[target] = found
+    positions = {name: _position(schema, column, path) for name, column in columns.items()}
+    binary_text = any(_is_bytes(schema.field(positions[name] - 1).type, path, columns[name], name) for name in columns)
+    casts = _add_carried(schema, path, columns, positions)
     ends = itertools.accumulate(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    return MetadataFile(path=path, num_rows=meta.num_rows, columns=columns, row_group_ends=tuple(ends))
+    return MetadataFile(path, meta.num_rows, columns, tuple(ends), positions, casts, binary_text)
+
+
+def _add_carried(schema: pa.Schema, path: str, columns: dict[str, str], positions: dict[str, int]) -> dict[str, str]:
+    """Add the carried columns the file has to `columns` and `positions`; return the casts they need."""
+    casts = {}
+    for target, candidates in CARRIED_COLUMNS.items():
+        found = _find(schema.names, candidates)
+        if not found or found in columns.values():
+            continue
+        position = _position(schema, found, path)
+        kind, wanted = schema.field(position - 1).type, COLUMNS[target]
+        if kind != wanted and not (pa.types.is_string(wanted) or _is_number(kind)):
+            log.warning("not carrying column '%s' of %s: it holds %s, the manifest's %s is %s", found, path, kind, target, wanted)
+            continue
+        columns[target], positions[target] = found, position
+        if kind != wanted:
+            casts[target] = _SQL_TYPES[wanted]
+    return casts
+
+
+def _position(schema: pa.Schema, column: str, path: str) -> int:
+    index = schema.get_field_index(column)
+    if index < 0:  # the name is there (it was picked), so it is there more than once
+        raise CurateError(f"{path} has more than one column named '{column}'")
+    return index + 1
+
+
+def _is_bytes(kind: pa.DataType, path: str, column: str, role: str) -> bool:
+    """Whether a url or caption column is bytes to read as text; one clear error if it holds no text at all."""
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return False
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return True
+    option = "--url-col" if role == "url" else "--caption-col"
+    raise CurateError(f"{path}: column '{column}' (the {role}) holds {kind}, not text; name the {role} column with {option}")
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
 
 
 def _pick(names: list[str], given: str | None, candidates: tuple[str, ...], what: str, path: str, option: str) -> str:
@@ -150,8 +199,7 @@ def stream_captions(con, source: MetadataFile, batch_rows: int) -> Iterator[pa.R
     A caption that is not valid UTF-8 comes through with '?' for its bad bytes: one such row must not
     stop a scan of billions (URLs, read in pass 2, stay strict: a mangled URL is worse than an error).
     """
-    caption = quote_identifier(source.columns["caption"])
-    query = f"SELECT {caption} AS caption FROM read_parquet($path, utf8_validation = 'replace')"
+    query = f"SELECT #{source.positions['caption']} AS caption FROM read_parquet($path, utf8_validation = 'replace'{_binary_option(source)})"
     yield from _run(con, query, {"path": source.path}, lambda relation: relation.to_arrow_reader(batch_rows))
 
 
@@ -160,10 +208,10 @@ def fetch_rows(con, source: MetadataFile, rows: Sequence[int]) -> pa.Table:
 
     DuckDB pushes the semi join into the parquet scan as a filter on the row number: only the wanted rows
     leave the scan, and row groups holding none of them are skipped."""
-    select = ", ".join(f"{quote_identifier(col)} AS {quote_identifier(name)}" for name, col in source.columns.items() if name != "caption")
+    select = ", ".join(f"{_read_as(source, name)} AS {quote_identifier(name)}" for name in source.columns if name != "caption")
     wanted = pa.table({"n": pa.array(rows, pa.int64())})
     query = (
-        f"SELECT file_row_number AS row, {select} FROM read_parquet($path, file_row_number=true) "
+        f"SELECT file_row_number AS row, {select} FROM read_parquet($path, file_row_number=true{_binary_option(source)}) "
         "WHERE file_row_number IN (SELECT n FROM wanted) "
         "ORDER BY file_row_number"
     )
@@ -172,6 +220,15 @@ def fetch_rows(con, source: MetadataFile, rows: Sequence[int]) -> pa.Table:
         return _run(con, query, {"path": source.path}, lambda relation: relation.to_arrow_table())
     finally:
         con.unregister("wanted")
+
+
+def _read_as(source: MetadataFile, name: str) -> str:
+    column = f"#{source.positions[name]}"
+    return f"TRY_CAST({column} AS {source.casts[name]})" if name in source.casts else column
+
+
+def _binary_option(source: MetadataFile) -> str:
+    return ", binary_as_string = true" if source.binary_text else ""
 
 
 def _run(con, query: str, params: dict, fetch):

@@ -281,6 +281,58 @@ def test_failure_midway_leaves_no_output(tmp_path, write_task, write_laion, runn
     assert_cli_error(result, "b.parquet", out)
 
 
+@pytest.mark.parametrize(("column", "message"), [
+    ("TEXT", "column 'TEXT' (the caption) holds int64, not text; name the caption column with --caption-col"),
+    ("URL", "column 'URL' (the url) holds int64, not text; name the url column with --url-col"),
+])
+def test_url_or_caption_column_without_text(tmp_path, write_task, runner, column, message):
+    table = {"URL": ["http://h/1"], "TEXT": ["a 737"]}
+    table[column] = [737]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table(table), path)
+    out = tmp_path / "out"
+    assert_cli_error(run(runner, "-t", str(write_task(TASK)), "-m", str(path), "-o", str(out)), message, out)
+
+
+def test_a_column_named_twice_is_one_clear_error(tmp_path, write_task, runner):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table([pa.array(["u1"]), pa.array(["u2"]), pa.array(["a 737"])], names=["URL", "URL", "TEXT"]), path)
+    out = tmp_path / "out"
+    assert_cli_error(run(runner, "-t", str(write_task(TASK)), "-m", str(path), "-o", str(out)), "more than one column named 'URL'", out)
+
+
+def test_columns_whose_names_differ_only_in_case_are_told_apart(tmp_path, write_task):
+    # DuckDB reads 'url' and 'URL' of one file as 'url' and 'URL_1': the LAION names must still be the ones read
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"url": ["http://lower/1"], "text": ["no plane"], "URL": ["http://upper/1"], "TEXT": ["a 737 here"]}), path)
+    retrieve(task=write_task(TASK), metadata=[str(path)], out=tmp_path / "o")
+    assert manifest_rows(tmp_path / "o")[["url", "caption"]].values.tolist() == [["http://upper/1", "a 737 here"]]
+
+
+def test_captions_and_urls_stored_as_bytes_are_read_as_text(tmp_path, write_task):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"URL": pa.array([b"http://h/1", b"http://h/2"]), "TEXT": pa.array([b"a 737 \xff jet", b"nothing"])}), path)
+    retrieve(task=write_task(TASK), metadata=[str(path)], out=tmp_path / "o")
+    assert manifest_rows(tmp_path / "o")[["url", "caption"]].values.tolist() == [["http://h/1", "a 737 ? jet"]]
+
+
+def test_carried_columns_of_other_types(tmp_path, write_task, write_laion, caplog):
+    """Numbers of another type are cast (NaN and what does not fit become NULL); text where the manifest
+    wants a number is not carried, with a warning; anything is carried as the text of a text column."""
+    meta = write_laion(
+        [("u1", "a 737"), ("u2", "an A320")],
+        WIDTH=pa.array([640.0, float("nan")]), HEIGHT=pa.array([480, 2**40], pa.int64()),
+        hash=pa.array(["ab", "cd"]), uid=pa.array([11, 12], pa.int64()),
+    )
+    retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "o")
+    rows = read_manifest(tmp_path / "o")
+    assert rows.column("width").to_pylist() == [640, None] and rows.schema.field("width").type == pa.int32()
+    assert rows.column("height").to_pylist() == [480, None]
+    assert rows.column("source_uid").to_pylist() == ["11", "12"]
+    assert "hash" not in rows.column_names
+    assert "not carrying column 'hash'" in caplog.text and "it holds string, the manifest's hash is int64" in caplog.text
+
+
 def _unchecked_strings(values: list[bytes]) -> pa.Array:
     """A string array holding the given bytes as they are, invalid UTF-8 included (as some scrapes do)."""
     raw = pa.array(values, pa.binary())
