@@ -11,8 +11,8 @@ import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
