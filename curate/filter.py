@@ -167,11 +167,18 @@ def _check_options(mode, threshold, percentile, per_class_cap, batch_size, worke
 
 
 def _check_labels(table: pa.Table, task) -> None:
+    """Every label names the task's class of that index (case aside): a manifest made for another task, or
+    the same classes in another order, would otherwise be scored against the wrong class texts."""
     if not table.num_rows:
         return
     top = pc.max(table.column("label")).as_py()
     if top >= len(task.classes):
         raise CurateError(f"manifest label {top} is out of range for task '{task.name}' ({len(task.classes)} classes)")
+    pairs = table.select(["label", "class_name"]).group_by(["label", "class_name"]).aggregate([])
+    for label, name in zip(pairs.column("label").to_pylist(), pairs.column("class_name").to_pylist()):
+        if name.casefold() != task.class_names[label].casefold():
+            raise CurateError(f"manifest label {label} is class '{name}', but task '{task.name}' calls it "
+                              f"'{task.class_names[label]}': filter with the task the manifest was made for")
 
 
 def _check_image_columns(table: pa.Table) -> None:

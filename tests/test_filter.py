@@ -322,6 +322,16 @@ def test_cli_rejects_labels_outside_the_task(shapes, tmp_path, runner):
     assert_cli_error(result, "manifest label 2 is out of range for task 'shapes' (2 classes)", out)
 
 
+def test_cli_rejects_a_task_whose_classes_differ_from_the_manifests(shapes, tmp_path, runner):
+    _, manifest = shapes
+    names = list(SHAPES_TASK["classes"])
+    names[0], names[1] = names[1], names[0]  # same classes, another order: labels 0 and 1 mean other classes
+    task = write_task_file(tmp_path, {**SHAPES_TASK, "classes": names})
+    out = tmp_path / "out"
+    result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out), "--clip-model", "tiny-clip"])
+    assert_cli_error(result, f"manifest label 0 is class '{names[1]}', but task 'shapes' calls it '{names[0]}'", out)
+
+
 def test_cli_refuses_an_existing_output_folder(shapes, tmp_path, runner):
     task, manifest = shapes
     out = tmp_path / "out"
