@@ -175,7 +175,7 @@ def _check_labels(table: pa.Table, task) -> None:
     if top >= len(task.classes):
         raise CurateError(f"manifest label {top} is out of range for task '{task.name}' ({len(task.classes)} classes)")
     pairs = table.select(["label", "class_name"]).group_by(["label", "class_name"]).aggregate([])
-    for label, name in zip(pairs.column("label").to_pylist(), pairs.column("class_name").to_pylist()):
+    for label, name in zip(pairs.column("label").to_pylist(), pairs.column("class_name").to_pylist(), strict=True):
         if name.casefold() != task.class_names[label].casefold():
             raise CurateError(f"manifest label {label} is class '{name}', but task '{task.name}' calls it "
                               f"'{task.class_names[label]}': filter with the task the manifest was made for")
