@@ -126,9 +126,18 @@ def open_image(row: dict[str, Any], manifest_dir: str | os.PathLike, mode: str |
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CurateError(f"cannot decode image of row {row.get('uid')}: {exc}") from None
+    except UnidentifiedImageError:
+        raise CurateError(f"cannot decode image of row {row.get('uid')}: {_location(row, manifest_dir)} is not an image format "
+                          "Pillow reads") from None
+    except OSError as exc:
+        raise CurateError(f"cannot decode image of row {row.get('uid')}: {_location(row, manifest_dir)}: {exc}") from None
     return image.convert(mode) if mode and image.mode != mode else image
+
+
+def _location(row: dict[str, Any], manifest_dir: str | os.PathLike) -> str:
+    if row.get("image_path"):
+        return str(Path(manifest_dir) / row["image_path"])
+    return f"{Path(manifest_dir) / row['shard']}:{row['key']}"
 
 
 def iter_images(

@@ -101,6 +101,17 @@ def test_missing_images_give_clear_errors(tmp_path):
         read_image({"uid": "z", "shard": "shards/00000.tar", "key": "nokey"}, tmp_path / "w")
 
 
+def test_undecodable_images_name_their_file(tmp_path):
+    manifest = files_manifest(tmp_path)
+    rows = pq.read_table(manifest).to_pylist()
+    (tmp_path / rows[0]["image_path"]).write_bytes(b"not an image at all")
+    (tmp_path / rows[2]["image_path"]).write_bytes(_payload(2)[0][:200])  # a JPEG cut short
+    with pytest.raises(CurateError, match=r"^cannot decode image of row 0000cafe: .*/000000.jpg is not an image format Pillow reads$"):
+        open_image(rows[0], tmp_path)
+    with pytest.raises(CurateError, match=r"^cannot decode image of row 0002cafe: .*/000002.jpg: \w"):
+        open_image(rows[2], tmp_path)
+
+
 def _export(manifest: Path, fmt: str, out: Path):
     return CliRunner().invoke(cli, ["export", "--manifest", str(manifest), "--format", fmt, "--out", str(out)],
                               catch_exceptions=False)
