@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -90,11 +91,16 @@ class CaptionMatcher:
             else:
                 spans.extend((start, end, term.class_index) for start, end in term.spans(caption))
         if len(spans) > 1:
-            spans = sorted(_drop_contained(spans), key=lambda span: (span[0], -span[1]))
+            spans = _drop_contained(spans)
         first: dict[int, ClassHit] = {}
+        refused: set[int] = set()  # each class's require_any / exclude is searched for once per caption
         for start, end, cls in spans:
-            if cls not in first and self._allowed(cls, caption):
+            if cls in first or cls in refused:
+                continue
+            if self._allowed(cls, caption):
                 first[cls] = ClassHit(cls, caption[start:end])
+            else:
+                refused.add(cls)
         return list(first.values())
 
     def _allowed(self, cls: int, caption: str) -> bool:
@@ -105,12 +111,34 @@ class CaptionMatcher:
 
 
 def _drop_contained(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """A match lying inside a longer match of another class does not count ("737" in "737-800")."""
-    return [
-        (s, e, c)
-        for s, e, c in spans
-        if not any(oc != c and os <= s and e <= oe and oe - os > e - s for os, oe, oc in spans)
-    ]
+    """The spans (start, end, class) in order of start, longest first, less those lying inside a longer
+    match of another class ("737" in "737-800").
+
+    One sweep in that order (a caption repeating class names thousands of times must not take
+    quadratic time): every earlier span starts no later, so a span lies inside a longer one of another
+    class exactly when an earlier span of another class ends at or after it, spans equal to it aside."""
+    ordered = sorted(spans, key=lambda span: (span[0], -span[1]))
+    kept = []
+    reach = ((-1, -1), (-1, -1))  # the furthest end of any earlier span, and of another class than that one's
+    for _, group in itertools.groupby(ordered, key=lambda span: span[:2]):
+        group = list(group)
+        for span in group:
+            (end1, cls1), (end2, _) = reach
+            if (end1 if cls1 != span[2] else end2) < span[1]:
+                kept.append(span)
+        for _, end, cls in group:
+            reach = _furthest_two(reach, end, cls)
+    return kept
+
+
+def _furthest_two(reach, end: int, cls: int):
+    """((end, class), (end, class)): the furthest end, and the furthest of a different class, after adding one."""
+    (end1, cls1), second = reach
+    if cls == cls1:
+        return (max(end1, end), cls1), second
+    if end > end1:
+        return (end, cls), (end1, cls1)
+    return ((end1, cls1), (end, cls)) if end > second[0] else reach
 
 
 def _term_body(term: str) -> str:
