@@ -155,12 +155,23 @@ def _parse_class(item: Any, index: int, where: str) -> ClassSpec:
 
 
 def _check_unique_names(classes: tuple[ClassSpec, ...], where: str) -> None:
-    seen: dict[str, str] = {}
+    """Class names are unique, and each alias belongs to one class: a caption naming a shared one would
+    name both classes, always."""
+    names: set[str] = set()
     for spec in classes:
-        key = spec.name.casefold()
-        if key in seen:
+        if _term_key(spec.name) in names:
             raise CurateError(f"{where}: duplicate class name {spec.name!r}")
-        seen[key] = spec.name
+        names.add(_term_key(spec.name))
+    owner = {_term_key(spec.name): spec.name for spec in classes}
+    for spec in classes:
+        for alias in spec.aliases:
+            other = owner.setdefault(_term_key(alias), spec.name)
+            if other != spec.name:
+                raise CurateError(f"{where}: alias {alias!r} of class {spec.name!r} also names class {other!r}")
+
+
+def _term_key(term: str) -> str:
+    return " ".join(term.casefold().split())  # as captions match it: any case, any run of whitespace
 
 
 def _string(value: Any, what: str, where: str, allow_empty: bool = False) -> str:
