@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import glob
@@ -51,6 +52,7 @@ class MetadataFile:
     positions: dict[str, int] = dataclasses.field(default_factory=dict)
     casts: dict[str, str] = dataclasses.field(default_factory=dict)  # carried column -> SQL type it is cast to
     binary_text: bool = False  # url or caption stored as bytes without the UTF-8 annotation: read as text
+    left_out: dict[str, str] = dataclasses.field(default_factory=dict)  # carried column not carried -> why
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -85,14 +87,15 @@ def inspect_file(path: str, url_col: str | None = None, caption_col: str | None 
     }
     positions = {name: _position(schema, column, path) for name, column in columns.items()}
     binary_text = any(_is_bytes(schema.field(positions[name] - 1).type, path, columns[name], name) for name in columns)
-    casts = _add_carried(schema, path, columns, positions)
+    casts, left_out = _add_carried(schema, path, columns, positions)
     ends = itertools.accumulate(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    return MetadataFile(path, meta.num_rows, columns, tuple(ends), positions, casts, binary_text)
+    return MetadataFile(path, meta.num_rows, columns, tuple(ends), positions, casts, binary_text, left_out)
 
 
-def _add_carried(schema: pa.Schema, path: str, columns: dict[str, str], positions: dict[str, int]) -> dict[str, str]:
-    """Add the carried columns the file has to `columns` and `positions`; return the casts they need."""
-    casts = {}
+def _add_carried(schema: pa.Schema, path: str, columns: dict[str, str], positions: dict[str, int]) -> tuple[dict, dict]:
+    """Add the carried columns the file has to `columns` and `positions`; return the casts they need and
+    the columns left out (a number column holding text), with why."""
+    casts, left_out = {}, {}
     for target, candidates in CARRIED_COLUMNS.items():
         found = _find(schema.names, candidates)
         if not found or found in columns.values():
@@ -100,12 +103,19 @@ def _add_carried(schema: pa.Schema, path: str, columns: dict[str, str], position
         position = _position(schema, found, path)
         kind, wanted = schema.field(position - 1).type, COLUMNS[target]
         if kind != wanted and not (pa.types.is_string(wanted) or _is_number(kind)):
-            log.warning("not carrying column '%s' of %s: it holds %s, the manifest's %s is %s", found, path, kind, target, wanted)
+            left_out[found] = f"it holds {kind}, the manifest's {target} is {wanted}"
             continue
         columns[target], positions[target] = found, position
         if kind != wanted:
             casts[target] = _SQL_TYPES[wanted]
-    return casts
+    return casts, left_out
+
+
+def warn_left_out(sources: Sequence[MetadataFile]) -> None:
+    """One warning per carried column left out, however many files leave it out."""
+    files = collections.Counter((column, why) for source in sources for column, why in source.left_out.items())
+    for (column, why), count in files.items():
+        log.warning("not carrying column '%s' (in %d of %d files): %s", column, count, len(sources), why)
 
 
 def _position(schema: pa.Schema, column: str, path: str) -> int:

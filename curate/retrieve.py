@@ -28,9 +28,25 @@ from tqdm import tqdm
 from curate.choices import MATCH_MODES, MULTI_CLASS, check_choice
 from curate.errors import CurateError
 from curate.matching import CaptionMatcher, ClassHit
-from curate.metadata import CARRIED_COLUMNS, MetadataFile, expand_inputs, fetch_rows, inspect_file, prefetch, stream_captions
+from curate.metadata import (
+    CARRIED_COLUMNS,
+    MetadataFile,
+    expand_inputs,
+    fetch_rows,
+    inspect_file,
+    prefetch,
+    stream_captions,
+    warn_left_out,
+)
 from curate.tasks import Task, load_task
-from manifests import REQUIRED_COLUMNS, ManifestWriter, iter_manifest, staged_output_dir, uid_for_url, write_report
+from manifests import (
+    REQUIRED_COLUMNS,
+    ManifestWriter,
+    iter_manifest,
+    staged_output_dir,
+    uid_for_url,
+    write_report,
+)
 from manifests.io import MANIFEST_NAME
 from manifests.uid import seeded_ranks, subset_per_class_by_rank
 
@@ -122,6 +138,7 @@ def retrieve(
     check_choice("--multi-class", multi_class, MULTI_CLASS)
     filters = QualityFilters(max_punsafe, max_pwatermark, min_side)
     sources = [inspect_file(path, url_col, caption_col) for path in expand_inputs(metadata)]
+    warn_left_out(sources)
     _check_filter_columns(sources, filters)
     matcher = CaptionMatcher(task.classes, mode=match_mode, threads=threads)
     with staged_output_dir(out, overwrite=overwrite) as staging:
