@@ -86,7 +86,8 @@ def inspect_file(path: str, url_col: str | None = None, caption_col: str | None 
         "caption": _pick(schema.names, caption_col, CAPTION_COLUMNS, "caption", path, "--caption-col"),
     }
     positions = {name: _position(schema, column, path) for name, column in columns.items()}
-    binary_text = any(_is_bytes(schema.field(positions[name] - 1).type, path, columns[name], name) for name in columns)
+    # every one checked (no short-circuit): a caption holding numbers beside a url stored as bytes is an error too
+    binary_text = any([_is_bytes(schema.field(positions[name] - 1).type, path, columns[name], name) for name in columns])
     casts, left_out = _add_carried(schema, path, columns, positions)
     ends = itertools.accumulate(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     return MetadataFile(path, meta.num_rows, columns, tuple(ends), positions, casts, binary_text, left_out)

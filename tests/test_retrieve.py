@@ -281,12 +281,13 @@ def test_failure_midway_leaves_no_output(tmp_path, write_task, write_laion, runn
     assert_cli_error(result, "b.parquet", out)
 
 
-@pytest.mark.parametrize(("column", "message"), [
-    ("TEXT", "column 'TEXT' (the caption) holds int64, not text; name the caption column with --caption-col"),
-    ("URL", "column 'URL' (the url) holds int64, not text; name the url column with --url-col"),
+@pytest.mark.parametrize(("url", "column", "message"), [
+    (["http://h/1"], "TEXT", "column 'TEXT' (the caption) holds int64, not text; name the caption column with --caption-col"),
+    ([b"http://h/1"], "TEXT", "column 'TEXT' (the caption) holds int64, not text; name the caption column with --caption-col"),
+    (["http://h/1"], "URL", "column 'URL' (the url) holds int64, not text; name the url column with --url-col"),
 ])
-def test_url_or_caption_column_without_text(tmp_path, write_task, runner, column, message):
-    table = {"URL": ["http://h/1"], "TEXT": ["a 737"]}
+def test_url_or_caption_column_without_text(tmp_path, write_task, runner, url, column, message):
+    table = {"URL": url, "TEXT": ["a 737"]}  # the url as text or as bytes (read as text)
     table[column] = [737]
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table(table), path)
