@@ -105,16 +105,15 @@ def has_images(table: pa.Table) -> bool:
 
 def read_image(row: dict[str, Any], manifest_dir: str | os.PathLike) -> tuple[bytes, str]:
     """The stored bytes of one row's image and its extension ('jpg', 'png', ...), as stored."""
-    manifest_dir = Path(manifest_dir)
     if row.get("image_path"):
-        path = manifest_dir / row["image_path"]
+        path = _stored_file(row, manifest_dir)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise CurateError(f"cannot read image of row {row.get('uid')}: {path}: {exc.strerror}") from None
         return data, path.suffix.lstrip(".").lower()
     if row.get("shard") and row.get("key") is not None:
-        return _read_tar_member(manifest_dir / row["shard"], str(row["key"]), row.get("uid"))
+        return _read_tar_member(_stored_file(row, manifest_dir), str(row["key"]), row.get("uid"))
     raise CurateError(f"row {row.get('uid')} has no image (no image_path, no shard/key): run curate download first")
 
 
@@ -134,10 +133,14 @@ def open_image(row: dict[str, Any], manifest_dir: str | os.PathLike, mode: str |
     return image.convert(mode) if mode and image.mode != mode else image
 
 
+def _stored_file(row: dict[str, Any], manifest_dir: str | os.PathLike) -> Path:
+    """The file holding a row's image: the image itself, or its webdataset tar (both relative to the manifest)."""
+    return Path(manifest_dir) / (row.get("image_path") or row["shard"])
+
+
 def _location(row: dict[str, Any], manifest_dir: str | os.PathLike) -> str:
-    if row.get("image_path"):
-        return str(Path(manifest_dir) / row["image_path"])
-    return f"{Path(manifest_dir) / row['shard']}:{row['key']}"
+    """Where a row's image is, for a message: its file, or tar:key."""
+    return str(_stored_file(row, manifest_dir)) + ("" if row.get("image_path") else f":{row['key']}")
 
 
 def iter_images(
