@@ -110,6 +110,13 @@ def test_undecodable_images_name_their_file(tmp_path):
         open_image(rows[0], tmp_path)
     with pytest.raises(CurateError, match=r"^cannot decode image of row 0002cafe: .*/000002.jpg: \w"):
         open_image(rows[2], tmp_path)
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "bad.tar", "w") as tar:
+        info = tarfile.TarInfo("k7.jpg")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"junk"))
+    with pytest.raises(CurateError, match=r"^cannot decode image of row z: .*/shards/bad.tar:k7 is not an image format Pillow reads$"):
+        open_image({"uid": "z", "shard": "shards/bad.tar", "key": "k7"}, tmp_path)
 
 
 def _export(manifest: Path, fmt: str, out: Path):
