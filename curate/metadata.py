@@ -49,7 +49,7 @@ class MetadataFile:
     row_group_ends: tuple[int, ...]  # file row number one past each row group
     # manifest name -> 1-based position of its column: queries select by position, because DuckDB renames
     # columns whose names differ only in case ('url' and 'URL' in one file read as 'url' and 'URL_1')
-    positions: dict[str, int] = dataclasses.field(default_factory=dict)
+    positions: dict[str, int]
     casts: dict[str, str] = dataclasses.field(default_factory=dict)  # carried column -> SQL type it is cast to
     binary_text: bool = False  # url or caption stored as bytes without the UTF-8 annotation: read as text
     left_out: dict[str, str] = dataclasses.field(default_factory=dict)  # carried column not carried -> why
