@@ -128,7 +128,7 @@ def open_image(row: dict[str, Any], manifest_dir: str | os.PathLike, mode: str |
     except UnidentifiedImageError:
         raise CurateError(f"cannot decode image of row {row.get('uid')}: {_location(row, manifest_dir)} is not an image format "
                           "Pillow reads") from None
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:  # the bomb error (over 2x MAX_IMAGE_PIXELS) is no OSError
         raise CurateError(f"cannot decode image of row {row.get('uid')}: {_location(row, manifest_dir)}: {exc}") from None
     return image.convert(mode) if mode and image.mode != mode else image
 

@@ -119,6 +119,18 @@ def test_undecodable_images_name_their_file(tmp_path):
         open_image({"uid": "z", "shard": "shards/bad.tar", "key": "k7"}, tmp_path)
 
 
+def test_an_image_too_large_to_decode_names_its_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    manifest = files_manifest(tmp_path)
+    row = pq.read_table(manifest).to_pylist()[1]
+    with Image.open(tmp_path / row["image_path"]) as image:
+        pixels = image.width * image.height
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels // 3)  # Pillow refuses images over twice the limit
+    with pytest.raises(CurateError, match=r"^cannot decode image of row 0001cafe: .*/000001.png: Image size .* exceeds limit"):
+        open_image(row, tmp_path)
+
+
 def _export(manifest: Path, fmt: str, out: Path):
     return CliRunner().invoke(cli, ["export", "--manifest", str(manifest), "--format", fmt, "--out", str(out)],
                               catch_exceptions=False)
