@@ -22,6 +22,14 @@ from manifests.schema import REQUIRED_COLUMNS, manifest_schema, validate
 MANIFEST_NAME = "manifest.parquet"
 REPORT_NAME = "report.json"
 ROW_GROUP_ROWS = 64 * 1024  # rows per row group of a manifest written piece by piece
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread runs
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
 _VERSIONED_PACKAGES = ("curate", "duckdb", "pyarrow", "hyperscan", "torch", "open_clip_torch", "img2dataset", "diffusers")
 
 
@@ -206,6 +214,7 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise CurateError(f"output directory {out} already exists (use --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o777 & ~UMASK)  # mkdtemp makes it private (0700); the output is an ordinary folder
     try:
         yield staging
     except BaseException:
@@ -233,6 +242,7 @@ def _temp_beside(path: Path) -> Path:
     """A new empty file in `path`'s folder (created if needed), to be renamed to `path` when complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes it private (0600); the output is an ordinary file
     os.close(fd)
     return Path(tmp)
 

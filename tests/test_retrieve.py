@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import duckdb
 import pandas as pd
@@ -15,6 +16,7 @@ from curate.cli import cli
 from curate.errors import CurateError
 from curate.retrieve import retrieve
 from manifests import read_manifest, seeded_subset_per_class, uid_for_url
+from manifests.io import UMASK
 
 TASK = {"name": "planes", "classes": ["737", "737-800", "A320", {"name": "rose", "require_any": ["flower"]}]}
 
@@ -201,6 +203,15 @@ def test_no_match_writes_an_empty_valid_manifest(tmp_path, write_task, write_lai
     result = retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "o")
     assert result.funnel["kept"] == 0
     assert read_manifest(tmp_path / "o").num_rows == 0
+
+
+def test_outputs_get_the_umask_modes_not_private_temp_ones(tmp_path, write_task, write_laion, runner):
+    out = tmp_path / "o"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(write_laion([("a", "737")])), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (out, out / "manifest.parquet", out / "report.json")}
+    folder, file = 0o777 & ~UMASK, 0o666 & ~UMASK  # 0755 and 0644 under the usual umask 022
+    assert modes == {"o": folder, "manifest.parquet": file, "report.json": file}
 
 
 def test_manifest_reads_in_duckdb_and_export_formats(tmp_path, write_task, write_laion, runner):
