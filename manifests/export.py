@@ -17,28 +17,36 @@ import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from manifests.images import iter_images, safe_name
-from manifests.io import manifest_dir, read_manifest, staged_output_dir, write_report
+from manifests.io import UMASK, manifest_dir, read_manifest, staged_output_dir, write_report
 from manifests.schema import IMAGE_LOCATION_COLUMNS
 
 Exporter = Callable[[pa.Table, Path, Path], list[str]]
 IMG2DATASET_FILE = "img2dataset_input.parquet"
+IMG2DATASET_SCRIPT = "img2dataset_command.sh"
+# columns img2dataset writes itself and refuses in save_additional_columns (img2dataset/main.py)
+IMG2DATASET_RESERVED = frozenset({"key", "caption", "url", "width", "height", "original_width", "original_height",
+                                  "status", "error_message", "exif", "md5", "sha256", "sha512"})
 SAMPLES_PER_TAR = 10_000
 CLASSES_FILE = "classes.txt"
 
 
 def export_img2dataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
-    """Parquet with `url` and `caption`; every other column rides along as an additional column."""
+    """Parquet with `url` and `caption` first, every other column after them, and a script that runs
+    img2dataset on it from wherever the export folder ends up, saving the columns img2dataset allows."""
     if "url" not in table.column_names:
         raise CurateError("img2dataset export needs a 'url' column (a retrieved manifest)")
     extra = [c for c in table.column_names if c not in ("url", "caption")]
     pq.write_table(table.select(["url", "caption", *extra]), out / IMG2DATASET_FILE)
-    command = (
-        f"img2dataset --url_list {out / IMG2DATASET_FILE} --input_format parquet --url_col url "
-        f"--caption_col caption --save_additional_columns '{json.dumps(extra)}' --output_folder images "
-        "--output_format files --image_size 256"
+    saved = [c for c in extra if c not in IMG2DATASET_RESERVED]
+    script = (
+        "#!/bin/sh\n# Download the exported rows' images into ./images with img2dataset.\n"
+        f'cd "$(dirname "$0")" && exec img2dataset --url_list {IMG2DATASET_FILE} --input_format parquet '
+        f"--url_col url --caption_col caption --save_additional_columns '{json.dumps(saved)}' "
+        "--output_folder images --output_format files --image_size 256 \"$@\"\n"
     )
-    (out / "img2dataset_command.txt").write_text(command + "\n", encoding="utf-8")
-    return [IMG2DATASET_FILE, "img2dataset_command.txt"]
+    (out / IMG2DATASET_SCRIPT).write_text(script, encoding="utf-8")
+    (out / IMG2DATASET_SCRIPT).chmod(0o777 & ~UMASK)
+    return [IMG2DATASET_FILE, IMG2DATASET_SCRIPT]
 
 
 def export_csv(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -292,3 +296,22 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path):
         assert manifest.column("uid").to_pylist() == [uid_for_url(u) for u in urls]
         assert all((out / p).exists() for p in manifest.column("image_path").to_pylist())
         assert len(list((out / "images").rglob("*.jpg"))) == 20
+
+
+def test_exported_img2dataset_script_downloads_from_where_the_export_lies(source_manifest, tmp_path):
+    manifest, rows = source_manifest
+    result = CliRunner().invoke(cli, ["export", "--manifest", str(manifest), "--format", "img2dataset",
+                                      "--out", str(tmp_path / "exp")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    moved = tmp_path / "moved"
+    (tmp_path / "exp").rename(moved)  # the script finds its input wherever the folder ends up
+    script = moved / "img2dataset_command.sh"
+    assert "'[\"uid\", \"label\", \"class_name\", \"source\", \"matched_text\", \"laion_similarity\"]'" in script.read_text()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([str(script), "--processes_count", "1", "--thread_count", "4", "--timeout", "5"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = pd.concat([pd.read_parquet(p) for p in sorted((moved / "images").glob("*.parquet"))])
+    assert (saved["status"] == "success").sum() == GOOD
+    by_url = dict(zip(saved["url"], saved["uid"]))
+    assert all(by_url[row["url"]] == row["uid"] for row in rows if row["url"])  # additional columns saved
