@@ -306,7 +306,7 @@ def quality_mask(batch: pa.RecordBatch, filters: QualityFilters) -> pa.BooleanAr
     if filters.max_pwatermark is not None:
         masks.append(pc.less_equal(batch.column("pwatermark"), filters.max_pwatermark))
     if filters.min_side is not None:
-        shorter = pc.min_element_wise(batch.column("width"), batch.column("height"))
+        shorter = pc.min_element_wise(batch.column("width"), batch.column("height"), skip_nulls=False)
         masks.append(pc.greater_equal(shorter, filters.min_side))
     if not masks:
         return None

@@ -119,16 +119,16 @@ def test_globs_and_folders(tmp_path, write_task, write_laion):
 
 def test_quality_filters(tmp_path, write_task, write_laion):
     meta = write_laion(
-        [("a", "737"), ("b", "737"), ("c", "737"), ("d", "737"), ("e", "737")],
-        punsafe=pa.array([0.01, 0.9, 0.01, None, 0.01], pa.float32()),
-        pwatermark=pa.array([0.1, 0.1, 0.8, 0.1, 0.1], pa.float32()),
-        WIDTH=pa.array([500, 500, 500, 500, 50], pa.int32()),
-        HEIGHT=pa.array([400, 400, 400, 400, 400], pa.int32()),
+        [("a", "737"), ("b", "737"), ("c", "737"), ("d", "737"), ("e", "737"), ("f", "737"), ("g", "737")],
+        punsafe=pa.array([0.01, 0.9, 0.01, None, 0.01, 0.01, 0.01], pa.float32()),
+        pwatermark=pa.array([0.1, 0.1, 0.8, 0.1, 0.1, 0.1, 0.1], pa.float32()),
+        WIDTH=pa.array([500, 500, 500, 500, 50, None, 500], pa.int32()),  # a side not known fails --min-side
+        HEIGHT=pa.array([400, 400, 400, 400, 400, 400, None], pa.int32()),
     )
     result = retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "o",
                       max_punsafe=0.5, max_pwatermark=0.5, min_side=100)
     assert manifest_rows(tmp_path / "o")["url"].tolist() == ["a"]
-    assert result.funnel["filtered_quality"] == 4
+    assert result.funnel["filtered_quality"] == 6
 
 
 def test_per_class_cap_is_seeded_and_deterministic(tmp_path, write_task, write_laion):
