@@ -87,7 +87,7 @@ def inspect_file(path: str, url_col: str | None = None, caption_col: str | None 
     }
     positions = {name: _position(schema, column, path) for name, column in columns.items()}
     # every one checked (no short-circuit): a caption holding numbers beside a url stored as bytes is an error too
-    binary_text = any([_is_bytes(schema.field(positions[name] - 1).type, path, columns[name], name) for name in columns])
+    binary_text = any([_is_bytes(_value_type(schema, positions[name]), path, columns[name], name) for name in columns])
     casts, left_out = _add_carried(schema, path, columns, positions)
     ends = itertools.accumulate(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     return MetadataFile(path, meta.num_rows, columns, tuple(ends), positions, casts, binary_text, left_out)
@@ -102,7 +102,7 @@ def _add_carried(schema: pa.Schema, path: str, columns: dict[str, str], position
         if not found or found in columns.values():
             continue
         position = _position(schema, found, path)
-        kind, wanted = schema.field(position - 1).type, COLUMNS[target]
+        kind, wanted = _value_type(schema, position), COLUMNS[target]
         if kind != wanted and not (pa.types.is_string(wanted) or _is_number(kind)):
             left_out[found] = f"it holds {kind}, the manifest's {target} is {wanted}"
             continue
@@ -124,6 +124,12 @@ def _position(schema: pa.Schema, column: str, path: str) -> int:
     if index < 0:  # the name is there (it was picked), so it is there more than once
         raise CurateError(f"{path} has more than one column named '{column}'")
     return index + 1
+
+
+def _value_type(schema: pa.Schema, position: int) -> pa.DataType:
+    """The type of the values in a column: a dictionary-encoded one (pandas' category) is read as its values."""
+    kind = schema.field(position - 1).type
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
 
 
 def _is_bytes(kind: pa.DataType, path: str, column: str, role: str) -> bool:

@@ -328,6 +328,16 @@ def test_captions_and_urls_stored_as_bytes_are_read_as_text(tmp_path, write_task
     assert manifest_rows(tmp_path / "o")[["url", "caption"]].values.tolist() == [["http://h/1", "a 737 ? jet"]]
 
 
+def test_dictionary_encoded_columns_are_read_as_their_values(tmp_path, write_task):
+    """pandas writes its `category` columns as dictionaries: the text and numbers inside are what counts."""
+    path = tmp_path / "m.parquet"
+    pd.DataFrame({"URL": ["http://h/1", "http://h/2", "http://h/3"], "TEXT": ["a 737 jet", "nothing", "an A320"],
+                  "WIDTH": [640, 640, 320]}).astype("category").to_parquet(path)
+    retrieve(task=write_task(TASK), metadata=[str(path)], out=tmp_path / "o")
+    rows = manifest_rows(tmp_path / "o")
+    assert rows[["url", "caption", "width"]].values.tolist() == [["http://h/1", "a 737 jet", 640], ["http://h/3", "an A320", 320]]
+
+
 def test_carried_columns_of_other_types(tmp_path, write_task, write_laion, caplog):
     """Numbers of another type are cast (NaN and what does not fit become NULL); text where the manifest
     wants a number is not carried, with a warning; anything is carried as the text of a text column."""
