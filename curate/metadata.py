@@ -265,5 +265,5 @@ def _guarded(reader, path: str) -> Iterator[pa.RecordBatch]:
 
     try:
         yield from reader
-    except (duckdb.Error, pa.ArrowException) as exc:
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:  # a DuckDB error inside the Arrow stream is an OSError
         raise CurateError(f"cannot read {path}: {first_line(exc)}") from None

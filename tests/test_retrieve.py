@@ -259,6 +259,21 @@ def test_non_parquet_file(tmp_path, write_task, runner, content):
     assert_cli_error(result, "is not a readable parquet file", out)
 
 
+def test_a_damaged_page_mid_file_is_one_error(tmp_path, write_task, runner):
+    """The footer reads, but a caption page in the fourth row group does not decode."""
+    path = tmp_path / "damaged.parquet"
+    count = 50_000
+    pq.write_table(pa.table({"URL": [f"http://a/{i}" for i in range(count)], "TEXT": [f"a 737 no. {i * 7919 % 10007}" for i in range(count)]}),
+                   path, compression="zstd", row_group_size=10_000)
+    start = pq.read_metadata(path).row_group(3).column(1).data_page_offset + 40
+    data = bytearray(path.read_bytes())
+    data[start : start + 200] = bytes(b ^ 0x5A for b in data[start : start + 200])
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(path), "-o", str(out))
+    assert_cli_error(result, f"cannot read {path}: ", out)
+
+
 def test_task_with_no_classes(tmp_path, write_task, write_laion, runner):
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task({"name": "x", "classes": []})), "-m", str(write_laion([("a", "b")])), "-o", str(out))
