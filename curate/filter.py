@@ -125,7 +125,7 @@ def filter_images(
 
         check_options(phash_distance, cosine_threshold)
         list_eval_images(Path(decontaminate))
-    with staged_output_dir(out, overwrite) as stage:
+    with staged_output_dir(out, overwrite, inputs=[manifest]) as stage:
         device = resolve_device(device)
         pretrained = resolve_pretrained(clip_model, clip_pretrained)
         bundle = load_clip(clip_model, pretrained, device)

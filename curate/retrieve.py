@@ -137,11 +137,12 @@ def retrieve(
     check_choice("--match", match_mode, MATCH_MODES)
     check_choice("--multi-class", multi_class, MULTI_CLASS)
     filters = QualityFilters(max_punsafe, max_pwatermark, min_side)
-    sources = [inspect_file(path, url_col, caption_col) for path in expand_inputs(metadata)]
+    files = expand_inputs(metadata)
+    sources = [inspect_file(path, url_col, caption_col) for path in files]
     warn_left_out(sources)
     _check_filter_columns(sources, filters)
     matcher = CaptionMatcher(task.classes, mode=match_mode, threads=threads)
-    with staged_output_dir(out, overwrite=overwrite) as staging:
+    with staged_output_dir(out, overwrite=overwrite, inputs=files) as staging:
         manifest = staging / MANIFEST_NAME
         # matched rows go to disk as they come (memory holds only the URLs seen); a cap reads them back
         scanned = manifest if per_class_cap is None else staging / ".uncapped.parquet"

@@ -133,7 +133,7 @@ def export_manifest(manifest: str | Path, fmt: str, out: str | Path, overwrite: 
         raise CurateError(f"unknown export format '{fmt}'; choose one of {', '.join(sorted(EXPORTERS))}")
     manifest = Path(manifest)
     table = read_manifest(manifest)
-    with staged_output_dir(out, overwrite=overwrite) as staging:
+    with staged_output_dir(out, overwrite=overwrite, inputs=[manifest]) as staging:
         files = EXPORTERS[fmt](table, manifest_dir(manifest), staging)
         write_report(staging, {"stage": "export", "format": fmt, "manifest": str(manifest), "rows": table.num_rows, "files": files})
     return f"exported {table.num_rows} rows as {fmt} to {out}: {', '.join(files)}"

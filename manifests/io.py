@@ -203,15 +203,18 @@ def package_versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; it becomes `out` only if the block succeeds.
 
     An existing `out` is refused unless `overwrite`; then it is replaced at the very end, so a
-    failed run leaves the previous result (or nothing) in place, never a half-written one.
+    failed run leaves the previous result (or nothing) in place, never a half-written one. It is
+    refused even so when it holds one of the stage's `inputs` (files or folders), which it would delete.
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise CurateError(f"output directory {out} already exists (use --overwrite to replace it)")
+    if out.exists():
+        _refuse_inputs_inside(out, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     staging.chmod(0o777 & ~UMASK)  # mkdtemp makes it private (0700); the output is an ordinary folder
@@ -223,6 +226,15 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(staging, out)
+
+
+def _refuse_inputs_inside(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
+    resolved = out.resolve()
+    for path in inputs:
+        real = Path(path).resolve()
+        if real == resolved or resolved in real.parents:
+            raise CurateError(f"output directory {out} holds the input {path}: replacing it would delete the input; "
+                              "choose another --out")
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

@@ -131,6 +131,14 @@ def test_an_image_too_large_to_decode_names_its_file(tmp_path, monkeypatch):
         open_image(row, tmp_path)
 
 
+def test_export_onto_its_own_manifest_is_refused(tmp_path):
+    manifest = files_manifest(tmp_path / "m")
+    for out in (manifest, manifest.parent):
+        result = CliRunner().invoke(cli, ["export", "--manifest", str(manifest), "--format", "csv", "--out", str(out), "--overwrite"])
+        assert_cli_error(result, f"output directory {out} holds the input {manifest}")
+    assert pq.read_table(manifest).num_rows == 12
+
+
 def _export(manifest: Path, fmt: str, out: Path):
     return CliRunner().invoke(cli, ["export", "--manifest", str(manifest), "--format", fmt, "--out", str(out)],
                               catch_exceptions=False)

@@ -293,6 +293,19 @@ def test_existing_output_refused_unless_overwrite(tmp_path, write_task, write_la
     assert read_manifest(out).num_rows == 1
 
 
+def test_an_output_holding_the_inputs_is_refused_even_with_overwrite(tmp_path, write_task, write_laion, runner):
+    meta, task = write_laion([("a", "737"), ("b", "A320")]), write_task(TASK)
+    folder = meta.parent
+    result = run(runner, "-t", str(task), "-m", str(folder), "-o", str(folder), "--overwrite")
+    assert_cli_error(result, f"output directory {folder} holds the input {meta}: replacing it would delete the input")
+    assert meta.exists()
+    inside = folder / "candidates"  # its manifest is a parquet under the input folder: the next run would read it
+    assert run(runner, "-t", str(task), "-m", str(folder), "-o", str(inside)).exit_code == 0
+    result = run(runner, "-t", str(task), "-m", str(folder), "-o", str(inside), "--overwrite")
+    assert_cli_error(result, f"holds the input {inside / 'manifest.parquet'}")
+    assert read_manifest(inside).num_rows == 2
+
+
 def test_quality_filter_without_its_column(tmp_path, write_task, write_laion, runner):
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task(TASK)), "-m", str(write_laion([("a", "737")])), "-o", str(out), "--max-punsafe", "0.5")
