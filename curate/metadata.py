@@ -56,12 +56,13 @@ class MetadataFile:
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Files named by paths, folders (every *.parquet below) and globs; sorted by path, each once."""
-    files: set[str] = set()
+    """Files named by paths, folders (every *.parquet file below) and globs; sorted by path, each file once
+    (the first path to it, where links or overlapping patterns name it twice)."""
+    files: dict[str, str] = {}  # real path -> path
     for pattern in patterns:
         path = Path(pattern)
-        if path.is_dir():
-            matched = [str(p) for p in path.rglob("*.parquet")]
+        if path.is_dir():  # Spark writes folders named *.parquet, holding the part files
+            matched = [str(p) for p in path.rglob("*.parquet") if p.is_file()]
             if not matched:
                 raise CurateError(f"folder {pattern} holds no .parquet files")
         elif path.is_file():
@@ -70,8 +71,9 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
             if not matched:
                 raise CurateError(f"no file matches '{pattern}'")
-        files.update(os.path.abspath(p) for p in matched)
-    return sorted(files)
+        for found in sorted(os.path.abspath(p) for p in matched):
+            files.setdefault(os.path.realpath(found), found)
+    return sorted(files.values())
 
 
 def inspect_file(path: str, url_col: str | None = None, caption_col: str | None = None) -> MetadataFile:

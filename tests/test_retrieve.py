@@ -117,6 +117,19 @@ def test_globs_and_folders(tmp_path, write_task, write_laion):
     assert result.funnel["kept"] == 2
 
 
+def test_spark_folders_and_links_read_each_file_once(tmp_path, write_task, write_laion):
+    """Spark writes `laion.parquet/` folders of part files; a link (or a loop of links) names a file again."""
+    spark = tmp_path / "meta" / "laion.parquet"
+    spark.mkdir(parents=True)
+    write_laion([("a", "737")], name="laion.parquet/part-00000.snappy.parquet")
+    write_laion([("b", "A320"), ("c", "nothing")], name="x2.parquet")
+    (tmp_path / "meta" / "again.parquet").symlink_to(tmp_path / "meta" / "x2.parquet")
+    (spark / "loop").symlink_to(spark)
+    result = retrieve(task=write_task(TASK), metadata=[str(tmp_path / "meta"), str(tmp_path / "meta" / "**" / "*.parquet")],
+                      out=tmp_path / "o")
+    assert result.funnel["rows_scanned"] == 3 and result.funnel["kept"] == 2
+
+
 def test_quality_filters(tmp_path, write_task, write_laion):
     meta = write_laion(
         [("a", "737"), ("b", "737"), ("c", "737"), ("d", "737"), ("e", "737"), ("f", "737"), ("g", "737")],
