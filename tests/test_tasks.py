@@ -57,6 +57,13 @@ def test_text_task_one_class_per_line(write_task):
         ({"name": "t", "classes": ["x"], "colour": 1}, "unknown key(s) ['colour']"),
         ({"name": "t", "classes": [{"name": "x", "alias": ["y"]}]}, "unknown key(s) ['alias']"),
         ({"name": "t", "classes": ["x"], "templates": ["a photo"]}, "has no '{}' placeholder"),
+        ({"name": "t", "classes": ["x"], "templates": ["a {{}} photo"]}, "has no '{}' placeholder"),
+        ({"name": "t", "classes": ["x"], "templates": ["a {} on a {surface}"]},
+         "template 'a {} on a {surface}' is not a format string with one '{}' for the class name (KeyError: 'surface')"),
+        ({"name": "t", "classes": ["x"], "templates": ["a {} and a {}"]}, "(IndexError"),
+        ({"name": "t", "classes": "rose"}, "'classes' must be a list (one entry per class), got str"),
+        ({"name": "t", "classes": 737}, "'classes' must be a list (one entry per class), got str"),
+        ({"name": "t", "classes": {"rose": {"exclude": ["rose gold"]}}}, "'classes' must be a list (one entry per class), got dict"),
         (["# only a comment"], "no classes"),
     ],
 )
@@ -65,6 +72,21 @@ def test_invalid_tasks_fail_with_one_clear_error(write_task, data, message):
         load_task(write_task(data))
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_yaml_scalars_keep_their_spelling_as_class_names(tmp_path):
+    """YAML 1.1 reads 0777 as 511, 12:30 as 750 and 1.10 as 1.1: a class name is the text as written."""
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nclasses: [0777, 1.10, 12:30, 007, true, 2001-01-01, 1e3, {name: x, aliases: ~}]\n")
+    assert load_task(path).class_names == ["0777", "1.10", "12:30", "007", "true", "2001-01-01", "1e3", "x"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".yaml", ".json"])
+def test_a_byte_order_mark_is_not_part_of_the_first_class(tmp_path, suffix):
+    path = tmp_path / f"t{suffix}"
+    text = {".txt": "rose\ntulip\n", ".yaml": "classes: [rose, tulip]\n", ".json": '{"classes": ["rose", "tulip"]}'}[suffix]
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_task(path).class_names == ["rose", "tulip"]
 
 
 def test_unknown_task_name():

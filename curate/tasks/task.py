@@ -14,6 +14,18 @@ BUILTIN_DIR = Path(__file__).parent
 _TASK_KEYS = {"name", "domain_text", "templates", "class_suffix", "backgrounds", "classes"}
 _CLASS_KEYS = {"name", "aliases", "require_any", "exclude"}
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+_YAML_SUFFIXES = (".yaml", ".yml", ".json")  # JSON is YAML
+_KEPT_TAGS = ("tag:yaml.org,2002:null", "tag:yaml.org,2002:merge")
+
+
+class _TextLoader(yaml.SafeLoader):
+    """YAML whose plain scalars stay the text they are written as: a class 0777 is not 511, nor 1.10 1.1."""
+
+
+_TextLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag in _KEPT_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +92,7 @@ def _builtin_path(name: str) -> Path | None:
 
 
 def load_task(ref: str | Path | Task) -> Task:
-    """Load a builtin task by name, or a task file (.yaml/.yml, or text: one class per line); a Task is returned as it is."""
+    """Load a builtin task by name, or a task file (.yaml/.yml/.json, or text: one class per line); a Task is returned as it is."""
     if isinstance(ref, Task):
         return ref
     path = Path(ref)
@@ -93,10 +105,10 @@ def load_task(ref: str | Path | Task) -> Task:
         known = ", ".join(builtin_task_names())
         raise CurateError(f"task '{ref}' is neither a file nor a builtin task ({known})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the first class name
     except (OSError, UnicodeDecodeError) as exc:
         raise CurateError(f"cannot read task file {path}: {exc}") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
+    if path.suffix.lower() in _YAML_SUFFIXES:
         return task_from_data(_parse_yaml(text, path), source=str(path))
     return task_from_lines(text, name=path.stem, source=str(path))
 
@@ -116,14 +128,16 @@ def task_from_data(data: Any, source: str = "<data>") -> Task:
     unknown = sorted(set(data) - _TASK_KEYS)
     if unknown:
         raise CurateError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_TASK_KEYS)}")
-    classes = tuple(_parse_class(item, i, where) for i, item in enumerate(data.get("classes") or []))
+    listed = data.get("classes") or []
+    if not isinstance(listed, list):
+        raise CurateError(f"{where}: 'classes' must be a list (one entry per class), got {type(listed).__name__}")
+    classes = tuple(_parse_class(item, i, where) for i, item in enumerate(listed))
     if not classes:
         raise CurateError(f"{where}: no classes")
     _check_unique_names(classes, where)
     templates = _string_list(data, "templates", where) or DEFAULT_TEMPLATES
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise CurateError(f"{where}: template {bad[0]!r} has no '{{}}' placeholder for the class name")
+    for template in templates:
+        _check_template(template, where)
     return Task(
         name=_string(data.get("name") or Path(source).stem, "name", where),
         classes=classes,
@@ -135,9 +149,21 @@ def task_from_data(data: Any, source: str = "<data>") -> Task:
     )
 
 
+def _check_template(template: str, where: str) -> None:
+    """A template is filled with str.format(class name): a '{}' for it, and no other field."""
+    marker = "\x00class\x00"
+    try:
+        filled = template.format(marker)
+    except (IndexError, KeyError, ValueError) as exc:
+        raise CurateError(f"{where}: template {template!r} is not a format string with one '{{}}' for the class name "
+                          f"({type(exc).__name__}: {exc})") from None
+    if marker not in filled:
+        raise CurateError(f"{where}: template {template!r} has no '{{}}' placeholder for the class name")
+
+
 def _parse_yaml(text: str, path: Path) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_TextLoader)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
         raise CurateError(f"task file {path} is not valid YAML: {first}") from None
@@ -175,8 +201,6 @@ def _term_key(term: str) -> str:
 
 
 def _string(value: Any, what: str, where: str, allow_empty: bool = False) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)  # YAML reads a bare 707 or 1.5 as a number; a class name is text
     if not isinstance(value, str):
         raise CurateError(f"{where}: {what} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
