@@ -37,7 +37,7 @@ class Term:
     class_index: int
     pattern: re.Pattern
     word: bool
-    pieces: tuple[str, ...]  # lowercased words of the term: a caption lacking one cannot match
+    pieces: tuple[str, ...]  # casefolded words of the term: a caption lacking one cannot match
 
     def spans(self, caption: str) -> Iterator[tuple[int, int]]:
         """Every occurrence (overlapping ones too); in word mode only those bounded by non-alphanumerics."""
@@ -62,7 +62,7 @@ class CaptionMatcher:
             raise ValueError(f"match mode must be one of {MATCH_MODES}, got {mode!r}")
         self.mode = mode
         self.terms = [
-            Term(text, index, re.compile(_term_body(text), re.IGNORECASE), mode == "word", tuple(text.lower().split()))
+            Term(text, index, re.compile(_term_body(text), re.IGNORECASE), mode == "word", tuple(text.casefold().split()))
             for index, spec in enumerate(classes)
             for text in dict.fromkeys(spec.terms)
         ]
@@ -81,12 +81,12 @@ class CaptionMatcher:
     def classes_in(self, caption: str, term_ids: Iterable[int] | None = None) -> list[ClassHit]:
         """Classes named by `caption` after overlap, require_any and exclude, in order of first mention."""
         ids = range(len(self.terms)) if term_ids is None else term_ids
-        lowered = caption.lower()
+        folded = caption.casefold()  # not lower(): it lowers a Σ to σ or ς by what follows it
         spans = []
         for i in ids:
             term = self.terms[i]
             for piece in term.pieces:  # cheap necessary test before the regex
-                if piece not in lowered:
+                if piece not in folded:
                     break
             else:
                 spans.extend((start, end, term.class_index) for start, end in term.spans(caption))

@@ -114,6 +114,7 @@ def test_partial_overlap_counts_both(engine):
         ("东京塔", "夜景: 东京塔!", "东京"),
         ("a.b*c", "x a.b*c y", "aXbbc"),
         ("50%", "sale 50% off", "500 off"),
+        ("ΟΔΟΣ", "ΟΔΟΣ.COM sign", "ΟΔΟ"),  # lowered, the Σ before '.c' is σ, not the final ς of 'οδος'
     ],
 )
 def test_hostile_class_names_are_data(engine, mode, name, hit, miss):
