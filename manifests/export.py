@@ -7,9 +7,11 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -50,15 +52,42 @@ def export_img2dataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[s
 
 
 def export_csv(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
+    """Every column as it is; those CSV has no cell for (lists, structs, bytes) as JSON text."""
+    for index, field in enumerate(table.schema):
+        if not _csv_writes(field.type):
+            cells = [_csv_cell(value) for value in table.column(index).to_pylist()]
+            table = table.set_column(index, field.name, pa.array(cells, pa.string()))
     pa_csv.write_csv(table, out / "manifest.csv")
     return ["manifest.csv"]
+
+
+def _csv_writes(kind: pa.DataType) -> bool:
+    return not (pa.types.is_nested(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+                or pa.types.is_fixed_size_binary(kind))
+
+
+def _csv_cell(value: Any) -> str | None:
+    if value is None:
+        return None
+    return _json_value(value) if isinstance(value, bytes) else _json_text(value)
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=_json_value)
+
+
+def _json_value(value: Any) -> Any:
+    """What JSON cannot hold as it is: bytes as base64 text, anything else (dates, decimals) as its text."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 def export_jsonl(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
     with open(out / "manifest.jsonl", "w", encoding="utf-8") as handle:
         for batch in table.to_batches(max_chunksize=10_000):
             for row in batch.to_pylist():
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.write(_json_text(row) + "\n")
     return ["manifest.jsonl"]
 
 
@@ -75,7 +104,7 @@ def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[st
             key = _unique(safe_name(str(row["uid"]).replace(".", "_")), keys, row)
             meta = {k: v for k, v in row.items() if k not in ("label", "caption", *IMAGE_LOCATION_COLUMNS)}
             sample = {"__key__": key, ext: data, "cls": row["label"], "txt": row["caption"] or ""}
-            sink.write({**sample, "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")})
+            sink.write({**sample, "json": _json_text(meta).encode("utf-8")})
     return sorted(path.name for path in out.glob("shard-*.tar"))
 
 
