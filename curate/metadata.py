@@ -37,6 +37,7 @@ CARRIED_COLUMNS: dict[str, tuple[str, ...]] = {
     "hash": ("hash",),
     "source_uid": ("uid",),
 }
+ROW_NUMBER = "file_row_number"  # read_parquet's row-number column
 # manifest type -> the DuckDB type a carried column of another type is cast to (TRY_CAST: NULL where it can't)
 _SQL_TYPES = {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.string(): "VARCHAR"}
 
@@ -83,6 +84,9 @@ def inspect_file(path: str, url_col: str | None = None, caption_col: str | None 
     except (pa.ArrowInvalid, OSError) as exc:
         raise CurateError(f"{path} is not a readable parquet file: {first_line(exc)}") from None
     schema = meta.schema.to_arrow_schema()
+    if ROW_NUMBER.casefold() in (name.casefold() for name in schema.names):
+        raise CurateError(f"{path} has a column named '{ROW_NUMBER}', a name DuckDB's parquet reader keeps for the row "
+                          "number that pass 2 selects rows by; rename that column")
     columns = {
         "url": _pick(schema.names, url_col, URL_COLUMNS, "URL", path, "--url-col"),
         "caption": _pick(schema.names, caption_col, CAPTION_COLUMNS, "caption", path, "--caption-col"),
@@ -230,9 +234,9 @@ def fetch_rows(con, source: MetadataFile, rows: Sequence[int]) -> pa.Table:
     select = ", ".join(f"{_read_as(source, name)} AS {quote_identifier(name)}" for name in source.columns if name != "caption")
     wanted = pa.table({"n": pa.array(rows, pa.int64())})
     query = (
-        f"SELECT file_row_number AS row, {select} FROM read_parquet($path, file_row_number=true{_binary_option(source)}) "
-        "WHERE file_row_number IN (SELECT n FROM wanted) "
-        "ORDER BY file_row_number"
+        f"SELECT {ROW_NUMBER} AS row, {select} FROM read_parquet($path, {ROW_NUMBER}=true{_binary_option(source)}) "
+        f"WHERE {ROW_NUMBER} IN (SELECT n FROM wanted) "
+        f"ORDER BY {ROW_NUMBER}"
     )
     con.register("wanted", wanted)
     try:

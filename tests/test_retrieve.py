@@ -287,6 +287,14 @@ def test_a_damaged_page_mid_file_is_one_error(tmp_path, write_task, runner):
     assert_cli_error(result, f"cannot read {path}: ", out)
 
 
+def test_a_column_named_like_duckdbs_row_number_is_one_error(tmp_path, write_task, runner):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"File_Row_Number": [7], "URL": ["u1"], "TEXT": ["a 737"]}), path)
+    out = tmp_path / "out"
+    result = run(runner, "-t", str(write_task(TASK)), "-m", str(path), "-o", str(out))
+    assert_cli_error(result, f"{path} has a column named 'file_row_number', a name DuckDB's parquet reader keeps", out)
+
+
 def test_task_with_no_classes(tmp_path, write_task, write_laion, runner):
     out = tmp_path / "out"
     result = run(runner, "-t", str(write_task({"name": "x", "classes": []})), "-m", str(write_laion([("a", "b")])), "-o", str(out))
