@@ -142,7 +142,8 @@ def _class_folders(table: pa.Table) -> dict[tuple[int, str], str]:
 
 def _unique(name: str, seen: set[str], row: dict) -> str:
     if name in seen:
-        raise CurateError(f"two rows map to the same exported name '{name}' (uid {row['uid']}): uids must be unique")
+        raise CurateError(f"two rows map to the exported name '{name}' (the second has uid {row['uid']!r}); names are uids "
+                          "with '.' and characters unsafe in file names replaced, so uids must differ after that")
     seen.add(name)
     return name
 

@@ -163,6 +163,17 @@ def test_csv_and_jsonl_write_columns_they_have_no_type_for_as_text(tmp_path):
         (["p", "q"], "AP8=", "2020-01-02T03:04:00", "1.50"), (None, "aGk=", None, None)]
 
 
+def test_uids_that_become_one_webdataset_key_are_one_error(tmp_path):
+    manifest = files_manifest(tmp_path / "m")
+    table = pq.read_table(manifest).slice(0, 2)
+    table = table.set_column(0, "uid", pa.array(["u.1", "u_1"])).set_column(2, "class_name", pa.array(["rose", "rose"]))
+    table = table.set_column(1, "label", pa.array([0, 0], pa.int32()))
+    pq.write_table(table, manifest)
+    result = _export(manifest, "webdataset", tmp_path / "out")
+    assert_cli_error(result, "two rows map to the exported name 'u_1' (the second has uid 'u_1'); names are uids with '.'",
+                     tmp_path / "out")
+
+
 def _export(manifest: Path, fmt: str, out: Path):
     return CliRunner().invoke(cli, ["export", "--manifest", str(manifest), "--format", fmt, "--out", str(out)],
                               catch_exceptions=False)
