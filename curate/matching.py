@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -151,7 +152,8 @@ def _bounded_before(text: str, start: int) -> bool:
 
 
 def _bounded_after(text: str, end: int) -> bool:
-    return end == len(text) or not text[end].isalnum()
+    """Not followed by a letter or digit, nor by a combining mark (the accent of a decomposed "rosé")."""
+    return end == len(text) or not (text[end].isalnum() or unicodedata.category(text[end]).startswith("M"))
 
 
 def _any_word(words: Sequence[str]) -> re.Pattern | None:

@@ -40,6 +40,8 @@ def make(classes, mode="word", engine="hyperscan") -> CaptionMatcher:
         ("word", "rose_bush", ["rose"]),  # underscore is not alphanumeric: a boundary
         ("substring", "PRIMROSE", ["rose"]),
         ("word", "primrose", []),
+        ("word", "rose\u0301 wine", []),  # a decomposed "rosé": e and a combining accent, no word boundary
+        ("substring", "rose\u0301 wine", ["rose"]),
     ],
 )
 def test_case_insensitive_word_and_substring(engine, mode, caption, expected):
