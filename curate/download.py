@@ -39,8 +39,11 @@ from manifests.export import IMG2DATASET_FILE
 from manifests.io import (
     MANIFEST_NAME,
     atomic_write,
+    make_folder,
     manifest_dir,
     read_manifest,
+    refuse_inputs_inside,
+    remove_output,
     read_report,
     write_json,
     write_manifest,
@@ -125,7 +128,7 @@ def download(
     table = _read_input(Path(manifest))
     sendable = table.filter(_has_url(table))
     out = Path(out)
-    resumed = _prepare_out(out, _fingerprint(sendable, options), overwrite=overwrite, resume=resume)
+    resumed = _prepare_out(out, _fingerprint(sendable, options), overwrite=overwrite, resume=resume, source=manifest)
     data_dir = out / DATA_FOLDERS[output_format]
     shard_names = [f"{i:05d}" for i in range(math.ceil(sendable.num_rows / number_sample_per_shard))]
     done_before = _finished_shards(data_dir, shard_names)
@@ -195,17 +198,18 @@ def _fingerprint(sendable: pa.Table, options: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _prepare_out(out: Path, fingerprint: str, overwrite: bool, resume: bool) -> bool:
+def _prepare_out(out: Path, fingerprint: str, overwrite: bool, resume: bool, source: str | os.PathLike) -> bool:
     """Create, clear or accept OUT for resuming (see `download`); returns True when resuming."""
     if out.exists() and not out.is_dir():
         raise CurateError(f"output path {out} exists and is not a folder")
     if out.exists() and overwrite:
-        shutil.rmtree(out)
+        refuse_inputs_inside(out, [source])
+        remove_output(out)
     if out.exists() and any(out.iterdir()):
         _check_resumable(out, fingerprint, resume)
         log.info("resuming the interrupted download in %s", out)
         return True
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     write_json({"stage": "download", "fingerprint": fingerprint}, out / STATE_NAME)
     return False
 

@@ -214,8 +214,8 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
     if out.exists() and not overwrite:
         raise CurateError(f"output directory {out} already exists (use --overwrite to replace it)")
     if out.exists():
-        _refuse_inputs_inside(out, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        refuse_inputs_inside(out, inputs)
+    make_folder(out.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     staging.chmod(0o777 & ~UMASK)  # mkdtemp makes it private (0700); the output is an ordinary folder
     try:
@@ -223,12 +223,28 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.exists() or out.is_symlink():
+        remove_output(out)
     os.replace(staging, out)
 
 
-def _refuse_inputs_inside(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
+def remove_output(out: Path) -> None:
+    """Delete a previous output: a folder, a file, or a link (the link only, never what it points to)."""
+    if out.is_symlink() or not out.is_dir():
+        out.unlink()
+    else:
+        shutil.rmtree(out)
+
+
+def make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder on the way should be, no permission, ...
+        raise CurateError(f"cannot create folder {path}: {exc.strerror or exc}") from None
+
+
+def refuse_inputs_inside(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
+    """One error if the existing output `out` is, or holds, one of the command's inputs: replacing it would delete them."""
     resolved = out.resolve()
     for path in inputs:
         real = Path(path).resolve()
@@ -252,7 +268,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def _temp_beside(path: Path) -> Path:
     """A new empty file in `path`'s folder (created if needed), to be renamed to `path` when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes it private (0600); the output is an ordinary file
     os.close(fd)

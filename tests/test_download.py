@@ -233,6 +233,14 @@ def test_bad_input_and_options(tmp_path, source_manifest):
     assert_cli_error(refused, "is not a download folder")
     assert (stranger / "notes.txt").read_text() == "mine"
 
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    own = inside / "manifest.parquet"
+    shutil.copy(source_manifest[0], own)
+    refused = _cli("--manifest", str(own), "--out", str(inside), "--overwrite")
+    assert_cli_error(refused, f"output directory {inside} holds the input {own}")
+    assert read_manifest(own).num_rows == len(source_manifest[1])
+
     with pytest.raises(CurateError, match="unknown resize mode 'squash'"):
         download(source_manifest[0], tmp_path / "x", resize_mode="squash")
     with pytest.raises(CurateError, match="out of range: threads"):

@@ -172,6 +172,22 @@ def test_staged_output_dir_only_appears_on_success(tmp_path):
         pass
 
 
+def test_staged_output_replaces_a_link_not_its_target_and_names_a_blocked_path(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with staged_output_dir(link, overwrite=True) as staging:
+        write_report(staging, {"stage": "test"})
+    assert not link.is_symlink() and (link / "report.json").exists()
+    assert (target / "keep.txt").read_text() == "mine"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(CurateError, match=f"^cannot create folder {blocker}: "), staged_output_dir(blocker / "run"):
+        pass
+
+
 def test_uids_are_stable_and_distinct():
     assert uid_for_url("http://a") == uid_for_url("http://a") != uid_for_url("http://b")
     assert len(uid_for_url("http://a")) == 32

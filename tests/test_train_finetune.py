@@ -181,6 +181,18 @@ def test_bad_input_one_line_no_output(world, reference, tmp_path, runner):
     _bad(runner, world, out, "--freeze-blocks must be in 0..5", "--freeze-blocks", "6", train=world.manifest)
 
 
+def test_overwrite_never_deletes_the_runs_inputs(world, tmp_path, runner):
+    rows = read_manifest(world.manifest).to_pylist()
+    for row in rows:
+        row["image_path"] = str(world.manifest.parent / row["image_path"])  # absolute: the manifest moves
+    train = write_rows(tmp_path / "m", rows)
+    for out in (train, train.parent, tmp_path):
+        args = ["finetune-and-probe", "--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir), "--out", str(out),
+                "--model", "tiny-clip", "--workers", "0", "--train", str(train), "--overwrite"]
+        assert_cli_error(runner.invoke(cli, args), f"output directory {out} holds the input {train}")
+    assert read_manifest(train).num_rows == len(rows)
+
+
 def test_mixloss_and_frozen_layers_run(world, tmp_path, monkeypatch):
     from train.loop import Trainer
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -222,19 +221,26 @@ def _load_model(s: dict[str, Any], class_names: list[str]):
 # ---------------------------------------------------------------- the output folder
 def _open_run(run: _Run, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Create OUT, or reopen an interrupted run with the same settings; returns the epoch history so far."""
-    from manifests.io import write_json
+    from manifests.io import make_folder, refuse_inputs_inside, remove_output, write_json
 
     out, fingerprint = run.out, {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
-    if out.exists() and settings["overwrite"]:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if (out.exists() or out.is_symlink()) and settings["overwrite"]:
+        refuse_inputs_inside(out, _input_paths(settings))
+        remove_output(out)
     if out.exists():
         _check_resumable(out, fingerprint, settings["resume"])
         history = _read_history(out)
         log.info("resuming the run in %s after epoch %d", out, max((h["epoch"] for h in history), default=0))
         return history
-    out.mkdir(parents=True)
+    make_folder(out)
     write_json(json.loads(json.dumps(fingerprint, default=str)), out / SETTINGS_FILE)
     return []
+
+
+def _input_paths(settings: dict[str, Any]) -> list[str]:
+    """The files and folders a run reads (a builtin task name or an open_clip tag is none)."""
+    named = [*settings["train"], settings["eval_data"], settings["eval_task"], settings["init_from"], settings["pretrained"]]
+    return [str(path) for path in named if path and Path(path).exists()]
 
 
 def _check_resumable(out: Path, fingerprint: dict[str, Any], resume: bool) -> None:
