@@ -69,6 +69,11 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu") -> ClipBun
         if tag and Path(tag).is_file() and "Error(s) in loading state_dict" in str(exc):
             raise CurateError(f"checkpoint {pretrained} does not fit model '{name}' (another architecture?)") from None
         raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': {first_line(exc)}") from None
+    except Exception as exc:  # a file that is no checkpoint makes pickle raise KeyError, EOFError, IndexError...
+        if not (tag and Path(tag).is_file()):
+            raise
+        raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': not a checkpoint open_clip reads "
+                          f"({type(exc).__name__}: {first_line(exc)})") from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     return ClipBundle(model, train_tf, val_tf, tokenizer, name=name, pretrained=pretrained)

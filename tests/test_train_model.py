@@ -133,3 +133,9 @@ def test_checkpoint_loads_back_through_the_registry(bundle, tmp_path):
         read_checkpoint(tmp_path / "bad.pt")
     with pytest.raises(CurateError, match="cannot load CLIP 'tiny-clip' with pretrained"):
         load_clip("tiny-clip", str(tmp_path / "bad.pt"))
+    for junk, error in [(b"hello\n", "KeyError"), (b"", "EOFError")]:  # what pickle makes of other files
+        (tmp_path / "junk.pt").write_bytes(junk)
+        with pytest.raises(CurateError, match=f"^cannot read checkpoint .*junk.pt: {error}"):
+            read_checkpoint(tmp_path / "junk.pt")  # not mmap's advice to re-save the file
+        with pytest.raises(CurateError, match=f"with pretrained '.*junk.pt': not a checkpoint open_clip reads \\({error}"):
+            load_clip("tiny-clip", str(tmp_path / "junk.pt"))

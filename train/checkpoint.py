@@ -11,6 +11,7 @@ written to a temp name and renamed, so a kill never leaves a half-written checkp
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CurateError(f"checkpoint not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # memory-mapped where torch.save's zip format allows it; mmap refuses other files with a misleading message
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CurateError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
+        raise CurateError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise CurateError(f"checkpoint {path} is not a state dict")
     return data
