@@ -84,6 +84,7 @@ def test_parse_mix_errors(mix, message):
 
 def test_parse_mix_normalises():
     assert parse_mix("9,1", 2) == pytest.approx([0.9, 0.1])
+    assert parse_mix("1e308,1e308", 2) == [0.5, 0.5]  # the plain sum overflows to inf
     assert parse_mix(None, 3) is None
 
 

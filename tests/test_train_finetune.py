@@ -179,6 +179,15 @@ def test_bad_input_one_line_no_output(world, reference, tmp_path, runner):
     _bad(runner, world, out, "does not fit model 'tiny-clip'", "--init-from", str(tmp_path / "other.pt"), train=world.manifest)
     _bad(runner, world, out, "--mix has 2 weight(s)", "--mix", "0.5,0.5", train=world.manifest)
     _bad(runner, world, out, "--freeze-blocks must be in 0..5", "--freeze-blocks", "6", train=world.manifest)
+    _bad(runner, world, out, "--lr and --wd must be finite numbers", "--lr", "inf", train=world.manifest)
+    _bad(runner, world, out, "--seed must be in 0..4294967295, got -1", "--seed", "-1", train=world.manifest)
+    _bad(runner, world, out, "unknown device 'foo': use auto, cpu, cuda or cuda:N", "--device", "foo", train=world.manifest)
+
+
+def test_a_diverging_run_stops_with_one_line(world, tmp_path, runner):
+    args = ["finetune-and-probe", "--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir), "--out", str(tmp_path / "r"),
+            "--model", "tiny-clip", "--workers", "0", "--train", str(world.manifest), "--lr", "1e9", "--warmup", "0", "--epochs", "2"]
+    assert_cli_error(runner.invoke(cli, args), ": the loss is NaN (try a lower --lr)")
 
 
 def test_overwrite_never_deletes_the_runs_inputs(world, tmp_path, runner):

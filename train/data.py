@@ -203,9 +203,10 @@ def parse_mix(mix: str | list[float] | None, n_sources: int) -> list[float] | No
         raise CurateError(f"--mix must be comma-separated numbers, got {mix!r}") from None
     if len(weights) != n_sources:
         raise CurateError(f"--mix has {len(weights)} weight(s) but {n_sources} --train manifest(s) were given")
-    if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+    if any(w < 0 or not math.isfinite(w) for w in weights) or max(weights) <= 0:
         raise CurateError(f"--mix weights must be >= 0 with a positive sum, got {mix!r}")
-    return [w / sum(weights) for w in weights]
+    scaled = [w / max(weights) for w in weights]  # huge weights (1e308) must not overflow the sum
+    return [w / sum(scaled) for w in scaled]
 
 
 class BatchPlan:

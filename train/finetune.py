@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ SETTINGS_FILE = "run_settings.json"
 EPOCHS_FILE = "epochs.jsonl"
 EPOCH0_FILE = "epoch0_metrics.json"
 BEST_KEY = "best_epoch"  # features/best_epoch{N}_{split}.npz (and _sweep.npz): of the weights in best.pt (epoch N)
+MAX_SEED = 2**32 - 1  # what numpy and torch seeding take on every platform
 _NOT_SETTINGS = ("out", "overwrite", "resume", "workers", "eval_batch_size")
 
 
@@ -174,7 +176,9 @@ def _check_options(s: dict[str, Any]) -> None:
     checks = [
         (s["epochs"] >= 1 or s["eval_only"], f"--epochs must be >= 1, got {s['epochs']}"),
         (s["batch_size"] >= 1, f"--batch-size must be >= 1, got {s['batch_size']}"),
+        (math.isfinite(s["lr"]) and math.isfinite(s["wd"]), "--lr and --wd must be finite numbers"),
         (s["lr"] > 0 and s["wd"] >= 0 and s["warmup"] >= 0, "--lr must be > 0, --wd and --warmup >= 0"),
+        (0 <= s["seed"] <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, got {s['seed']}"),
         (s["freeze_blocks"] >= 0, f"--freeze-blocks must be >= 0, got {s['freeze_blocks']}"),
         (not (s["init_from"] and s["pretrained"]), "give --init-from or --pretrained, not both"),
         (s["accum_steps"] is None or s["accum_steps"] >= 1, "--accum-steps must be >= 1"),

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from curate.errors import CurateError
 from train.evaluate import autocast
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ class Trainer:
             loss_sum += loss * len(labels)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         seconds = time.perf_counter() - start
+        if math.isnan(loss_sum):
+            raise CurateError(f"training diverged in epoch {epoch}: the loss is NaN (try a lower --lr)")
         return {"train_loss": loss_sum / max(1, seen), "images": seen, "seconds": seconds, "lr": lr if seen else 0.0}
 
     def _step(self, images, labels, sources) -> float:
