@@ -16,6 +16,7 @@ Image embeddings come from one of two readers in curate/embeddings.py, both yiel
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import tempfile
 import time
@@ -30,7 +31,7 @@ from curate.choices import FILTER_MODES, check_choice
 from curate.embeddings import ImageRows, iter_image_embeddings, iter_precomputed
 from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
-from manifests.images import has_images, image_rows, rebase_images
+from manifests.images import has_images, image_folders, image_rows, rebase_images
 from manifests.uid import seeded_ranks
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ def filter_images(
 
         check_options(phash_distance, cosine_threshold)
         list_eval_images(Path(decontaminate))
-    with staged_output_dir(out, overwrite, inputs=[manifest]) as stage:
+    named = [path for path in (manifest, embeddings, decontaminate) if path is not None]
+    with staged_output_dir(out, overwrite, inputs=itertools.chain(named, image_folders(table, manifest_dir))) as stage:
         device = resolve_device(device)
         pretrained = resolve_pretrained(clip_model, clip_pretrained)
         bundle = load_clip(clip_model, pretrained, device)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.errors import CurateError
 
@@ -92,6 +93,19 @@ def rebase_images(table: pa.Table, from_dir: str | os.PathLike, to_dir: str | os
                       for v in table.column(name).to_pylist()]
             table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return table
+
+
+def image_folders(table: pa.Table, manifest_dir: str | os.PathLike) -> Iterator[Path]:
+    """The folders holding the manifest's image files and shards, each once (lazily: only asked for when an
+    output is about to replace a folder that might hold them)."""
+    seen: set[str] = set()
+    for name in ("image_path", "shard"):
+        if name in table.column_names:
+            for value in pc.unique(table.column(name)).to_pylist():
+                folder = os.path.dirname(os.path.normpath(os.path.join(manifest_dir, value))) if value else None
+                if folder is not None and folder not in seen:
+                    seen.add(folder)
+                    yield Path(folder)
 
 
 def has_images(table: pa.Table) -> bool:

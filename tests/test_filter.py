@@ -6,6 +6,7 @@ Offline: the builtin `tiny-clip` model on CPU and generated images.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +340,24 @@ def test_cli_refuses_an_existing_output_folder(shapes, tmp_path, runner):
     result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out), "--clip-model", "tiny-clip"])
     assert_cli_error(result, "already exists (use --overwrite")
     assert out.is_dir() and not any(out.iterdir())
+
+
+def test_overwrite_never_deletes_embeddings_eval_images_or_images_elsewhere(shapes, embedded, tmp_path):
+    from manifests.images import rebase_images
+
+    task, manifest, emb = embedded
+    with pytest.raises(CurateError, match=f"output directory {emb} holds the input {emb}"):
+        _run(task, manifest, emb, embeddings=emb, overwrite=True, threshold=-1)
+    source = make_image_manifest(tmp_path / "src", per_class=[1, 1, 1])
+    moved = tmp_path / "m" / "manifest.parquet"
+    moved.parent.mkdir()
+    write_manifest(rebase_images(read_manifest(source), source.parent, moved.parent), moved)  # images in ../src
+    with pytest.raises(CurateError, match=f"output directory {tmp_path / 'src'} holds the input {tmp_path / 'src'}/"):
+        _run(task, moved, tmp_path / "src", overwrite=True, threshold=-1)
+    with pytest.raises(CurateError, match=f"output directory {tmp_path / 'src'} holds the input {tmp_path / 'src'}"):
+        _run(task, moved, tmp_path / "src", overwrite=True, threshold=-1, decontaminate=tmp_path / "src")
+    assert len(list((tmp_path / "src").rglob("*.png"))) + len(list((tmp_path / "src").rglob("*.jpg"))) == 3
+    assert sorted(os.listdir(emb)) == ["img_emb", "metadata"]
 
 
 def test_pretrained_default_depends_on_the_model():
