@@ -118,8 +118,25 @@ def test_eval_folder_missing_split(tmp_path):
 
 def test_eval_folder_names_a_folder_that_is_not_a_class(tmp_path):
     root = _folder(tmp_path / "ev", extra="orange hexagon")
-    with pytest.raises(CurateError, match="not classes of the eval task: 'orange hexagon'"):
+    with pytest.raises(CurateError, match="has a folder that is not a class of the eval task: 'orange hexagon'"):
         scan_eval_folder(root, list(CLASSES))
+
+
+def test_eval_folder_names_in_decomposed_unicode_find_their_class(tmp_path):
+    """macOS writes file names decomposed: 'café' as 'cafe' + a combining accent."""
+    root = _folder(tmp_path / "ev", classes=["red cafe\u0301 circle"])
+    assert scan_eval_folder(root, ["blue square", "red caf\u00e9 circle"])["val"][0][1] == 1
+
+
+def test_eval_folder_exported_with_classes_txt_keeps_labels_two_names_share_a_folder_for(tmp_path):
+    names = ["AC/DC", "AC:DC"]  # both become the folder AC_DC
+    root = _folder(tmp_path / "ev", classes=["AC_DC"])
+    with pytest.raises(CurateError, match="could be class 'AC/DC' or 'AC:DC' .*add the exporter's classes.txt"):
+        scan_eval_folder(root, names)
+    for split in ("train", "val", "test"):  # an export holding only AC:DC images names its folder AC_DC
+        (root / split / "classes.txt").write_text("1\tAC:DC\tAC_DC\n")
+    assert {split: [label for _, label in samples] for split, samples in scan_eval_folder(root, names).items()} == {
+        "train": [1], "val": [1], "test": [1]}
 
 
 def _row(i, name, label=None, source="real"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import pyarrow as pa
 from curate.choices import MIX_MODES, check_choice
 from curate.errors import CurateError
 from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest, read_report
+from manifests.export import CLASSES_FILE
 from manifests.images import (
     IMAGE_SUFFIXES,
     has_images,
@@ -125,14 +127,14 @@ def _load_source(path: Path, class_names: list[str], fraction: float, seed: int)
 
 def map_labels(table: pa.Table, class_names: list[str], where: str) -> np.ndarray:
     """The eval task's label of every row, found by class name; CurateError naming unknown classes."""
-    index = {name.casefold(): i for i, name in enumerate(class_names)}
+    index = {name_key(name): i for i, name in enumerate(class_names)}
     encoded = table.column("class_name").combine_chunks().dictionary_encode()  # one string per distinct name
     names = encoded.dictionary.to_pylist()
-    unknown = sorted({n for n in names if n.casefold() not in index})
+    unknown = sorted({n for n in names if name_key(n) not in index})
     if unknown:
         shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise CurateError(f"{where} has {len(unknown)} class(es) not in the eval task: {shown}")
-    lookup = np.array([index[n.casefold()] for n in names], dtype=np.int64)
+    lookup = np.array([index[name_key(n)] for n in names], dtype=np.int64)
     labels = lookup[encoded.indices.to_numpy(zero_copy_only=False)]
     moved = int((labels != table.column("label").to_numpy()).sum())
     if moved:
@@ -162,34 +164,72 @@ def _provenance(folder: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- eval ImageFolder
 def scan_eval_folder(root: str | Path, class_names: list[str], splits: tuple[str, ...] = SPLITS) -> dict[str, list[tuple[Path, int]]]:
-    """(image path, label) lists per split of `root/{split}/<class name>/*`; CurateError on any mismatch."""
+    """(image path, label) lists per split of `root/{split}/<class name>/*`; CurateError on any mismatch.
+
+    A folder is a class's name or its file-system-safe form (case and Unicode form aside); where a split
+    holds the ImageFolder exporter's classes.txt, that file says which class each folder is."""
     root = Path(root)
     if not root.is_dir():
         raise CurateError(f"eval data folder not found: {root}")
     missing = [s for s in splits if not (root / s).is_dir()]
     if missing:
         raise CurateError(f"eval data {root} is missing split folder(s): {', '.join(missing)} (expected {'/'.join(splits)})")
-    lookup = {}
+    labels = {name_key(name): label for label, name in enumerate(class_names)}
+    safe: dict[str, set[int]] = {}
     for label, name in enumerate(class_names):
-        lookup[name.casefold()] = label
-        lookup.setdefault(safe_name(name).casefold(), label)  # the ImageFolder exporter's folder name
-    return {split: _scan_split(root / split, lookup) for split in splits}
+        safe.setdefault(name_key(safe_name(name)), set()).add(label)
+    return {split: _scan_split(root / split, labels, safe, class_names) for split in splits}
 
 
-def _scan_split(folder: Path, lookup: dict[str, int]) -> list[tuple[Path, int]]:
+def name_key(name: str) -> str:
+    """How class names compare: case aside, and in one Unicode form (macOS writes file names decomposed)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _scan_split(folder: Path, labels: dict[str, int], safe: dict[str, set[int]], class_names: list[str]) -> list[tuple[Path, int]]:
     folders = sorted(p for p in folder.iterdir() if p.is_dir())
-    strangers = [p.name for p in folders if p.name.casefold() not in lookup]
-    if strangers:
-        raise CurateError(f"eval folder {folder} has folder(s) that are not classes of the eval task: {', '.join(map(repr, strangers[:5]))}")
-    samples = [
-        (path, lookup[sub.name.casefold()])
-        for sub in folders
-        for path in sorted(sub.iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    exported = _exported_folders(folder, labels)
+    samples = []
+    for sub in folders:
+        label = _folder_label(sub, exported, labels, safe, class_names)
+        samples += [(path, label) for path in sorted(sub.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
     if not samples:
         raise CurateError(f"eval folder {folder} has no images")
     return samples
+
+
+def _folder_label(sub: Path, exported: dict[str, int], labels: dict[str, int], safe: dict[str, set[int]],
+                  class_names: list[str]) -> int:
+    key = name_key(sub.name)
+    if sub.name in exported:
+        return exported[sub.name]
+    if key in labels:
+        return labels[key]
+    candidates = sorted(safe.get(key, ()))
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        named = " or ".join(repr(class_names[c]) for c in candidates)
+        raise CurateError(f"eval folder {sub} could be class {named} (both make that folder name); "
+                          f"add the exporter's {CLASSES_FILE} to say which")
+    raise CurateError(f"eval folder {sub.parent} has a folder that is not a class of the eval task: {sub.name!r}")
+
+
+def _exported_folders(folder: Path, labels: dict[str, int]) -> dict[str, int]:
+    """Folder -> label from the ImageFolder exporter's classes.txt (label, class name, folder per line), if any."""
+    listing = folder / CLASSES_FILE
+    if not listing.is_file():
+        return {}
+    exported = {}
+    for line in listing.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise CurateError(f"{listing}: expected 'label<TAB>class name<TAB>folder' lines, got {line!r}")
+        _, name, sub = parts
+        if name_key(name) not in labels:
+            raise CurateError(f"{listing} lists class {name!r}, which is not a class of the eval task")
+        exported[sub] = labels[name_key(name)]
+    return exported
 
 
 # ---------------------------------------------------------------- batches and mixing
