@@ -57,6 +57,9 @@ STATE_NAME = "download_state.json"
 FAILED_NAME = "failed.parquet"
 _RESULT_COLUMNS = ["uid", "key", "status", "error_message", "width", "height", "sha256"]
 _ROW = "__row"
+# img2dataset's encode_quality: a quality for jpg and webp, but a compression level (0-9) for png, where its default
+# of 95 is refused
+ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 6}
 _PARAMETER = {"processes_count": "processes", "thread_count": "threads"}  # img2dataset name -> ours
 
 
@@ -164,6 +167,7 @@ def _img2dataset_options(chosen: dict[str, Any]) -> dict[str, Any]:
             raise CurateError(f"unknown {name.replace('_', ' ')} '{chosen[name]}'; choose one of {', '.join(choices)}")
     return {
         **chosen, "input_format": "parquet", "url_col": "url", "caption_col": "caption",
+        "encode_quality": ENCODE_QUALITY[chosen["encode_format"]],
         "save_additional_columns": ["uid"], "extract_exif": False, "compute_hash": "sha256",
         "enable_wandb": False, "incremental_mode": "incremental", "distributor": "multiprocessing",
     }
@@ -177,6 +181,8 @@ def _read_input(manifest: Path) -> pa.Table:
         )
     if pc.count_distinct(table.column("uid")).as_py() != table.num_rows:
         raise CurateError(f"manifest {manifest} has duplicate uids; uid is the join key of the download")
+    if _ROW in table.column_names:
+        raise CurateError(f"manifest {manifest} has a column named '{_ROW}', which download uses for itself; rename it")
     carried = [c for c in table.column_names if c not in IMAGE_COLUMNS]  # replaced by this download
     table = table.select(carried)
     return table.append_column(_ROW, pa.array(range(table.num_rows), pa.int64()))

@@ -212,6 +212,22 @@ def test_webdataset_output_matches_files_output(source_manifest, files_run, tmp_
     assert read_report(out)["files"]["images"] == "shards"
 
 
+def test_png_encoding_downloads(source_manifest, tmp_path):
+    """img2dataset's default quality (95) is no png compression level (0-9): it refused every png download."""
+    import pyarrow as pa
+
+    rows = [row for row in source_manifest[1] if row["url"] and "img-" in row["url"]][:4]
+    manifest = tmp_path / "four.parquet"
+    write_manifest(pa.Table.from_pylist(rows), manifest)
+    result = _cli(*_download_args(manifest, tmp_path / "png", "--encode-format", "png"))
+    assert result.exit_code == 0, result.output
+    downloaded = read_manifest(tmp_path / "png").to_pylist()
+    assert [row["uid"] for row in downloaded] == [row["uid"] for row in rows]
+    for row in downloaded:
+        data, ext = read_image(row, tmp_path / "png")
+        assert ext == "png" and data.startswith(b"\x89PNG")
+
+
 def test_bad_input_and_options(tmp_path, source_manifest):
     import pyarrow as pa
 
@@ -222,6 +238,10 @@ def test_bad_input_and_options(tmp_path, source_manifest):
     message = f"curate: error: manifest {no_url} has no 'url' column: download needs a retrieved manifest (curate retrieve)"
     assert_cli_error(result, message, out)
     assert result.stderr.strip() == message
+
+    own_row = tmp_path / "own-row.parquet"
+    write_manifest(read_manifest(source_manifest[0]).append_column("__row", pa.array([0] * len(source_manifest[1]))), own_row)
+    assert_cli_error(_cli("--manifest", str(own_row), "--out", str(out)), "has a column named '__row', which download uses", out)
 
     missing = _cli("--manifest", str(tmp_path / "nope.parquet"), "--out", str(out))
     assert_cli_error(missing, "manifest not found", out)
