@@ -144,7 +144,25 @@ def open_image(row: dict[str, Any], manifest_dir: str | os.PathLike, mode: str |
                           "Pillow reads") from None
     except (OSError, Image.DecompressionBombError) as exc:  # the bomb error (over 2x MAX_IMAGE_PIXELS) is no OSError
         raise CurateError(f"cannot decode image of row {row.get('uid')}: {_location(row, manifest_dir)}: {exc}") from None
+    image = _eight_bit(image) if mode else image
     return image.convert(mode) if mode and image.mode != mode else image
+
+
+def _eight_bit(image):
+    """16-bit and float grey as 8-bit grey: Pillow's convert clips them (a 16-bit PNG turns white, a 0..1
+    float TIFF black) instead of scaling."""
+    from PIL import Image
+
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    import numpy as np
+
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max(initial=0) > 255):
+        pixels = pixels / 257  # 0..65535 -> 0..255
+    elif image.mode == "F" and pixels.max(initial=0) <= 1:
+        pixels = pixels * 255
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
 
 
 def _stored_file(row: dict[str, Any], manifest_dir: str | os.PathLike) -> Path:

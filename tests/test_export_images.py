@@ -119,6 +119,20 @@ def test_undecodable_images_name_their_file(tmp_path):
         open_image({"uid": "z", "shard": "shards/bad.tar", "key": "k7"}, tmp_path)
 
 
+def test_sixteen_bit_and_float_grey_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.arange(64 * 64).reshape(64, 64) * 16  # 0 .. 65520
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "deep.png")  # Pillow reads it as I;16
+    Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "float.tiff")
+    Image.fromarray((ramp // 257).astype(np.int32)).save(tmp_path / "small.tiff")  # 32-bit ints, 8-bit values
+    expected = np.rint(ramp / 257)
+    for name in ("deep.png", "float.tiff", "small.tiff"):
+        pixels = np.asarray(open_image({"uid": name, "image_path": name}, tmp_path))
+        assert pixels.shape == (64, 64, 3) and np.abs(pixels[..., 0] - expected).max() <= 1, name
+
+
 def test_an_image_too_large_to_decode_names_its_file(tmp_path, monkeypatch):
     from PIL import Image
 
