@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.errors import CurateError
+from curate.errors import CurateError, first_line
 from manifests.images import open_image
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,10 @@ def embedding_shards(emb_dir: Path) -> list[tuple[Path, Path, int, int]]:
     shards = []
     for number in sorted(metas):
         rows, width = _npy_shape(npys[number])
-        meta_rows = pq.ParquetFile(metas[number]).metadata.num_rows
+        try:
+            meta_rows = pq.ParquetFile(metas[number]).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CurateError(f"cannot read embeddings metadata {metas[number]}: {first_line(exc)}") from None
         if rows != meta_rows:
             raise CurateError(f"embeddings shard {number}: {npys[number]} has {rows} rows but "
                               f"{metas[number]} has {meta_rows}; the shards are misaligned")
@@ -114,7 +117,7 @@ def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
     found = {}
     for path in folder.glob(f"{prefix}*{suffix}") if folder.is_dir() else ():
         number = path.name[len(prefix):-len(suffix)]
-        if number.isdigit():
+        if number.isdigit() and path.is_file():
             found[int(number)] = path
     return found
 
@@ -126,6 +129,8 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
         raise CurateError(f"cannot read embeddings {path}: {exc}") from None
     if array.ndim != 2:
         raise CurateError(f"embeddings {path} must be a 2-d array, got shape {array.shape}")
+    if array.dtype.kind != "f":
+        raise CurateError(f"embeddings {path} must hold floats, got {array.dtype}")
     return array.shape
 
 
@@ -234,15 +239,19 @@ def iter_precomputed(table: pa.Table, emb_dir: Path, dim: int, model_name: str) 
         if width != dim:
             raise CurateError(f"embeddings {npy} have dimension {width} but model '{model_name}' embeds to {dim}; "
                               "use the model the embeddings were computed with")
-    manifest_col, meta_col = _match_keys(table, shards[0][1])
+    keys = [_match_keys(table, meta) for _, meta, _, _ in shards]  # each shard joins by its own column
+    manifest_col = keys[0][0]
+    for (_, meta, _, _), (col, meta_col) in zip(shards, keys):
+        if col != manifest_col:
+            raise CurateError(f"{meta} joins the manifest by {col}, but {shards[0][1]} by {manifest_col}: the shards differ")
     index = _KeyIndex(table.column(manifest_col))
     bar = tqdm(total=sum(s[2] for s in shards), unit="row", unit_scale=True, desc="clip score", leave=False)
     with bar, ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_shard_key_ids, index, shards[0][1], meta_col)
+        pending = pool.submit(_shard_key_ids, index, shards[0][1], keys[0][1])
         for number, (npy, _, rows, _) in enumerate(shards):
             key_ids = pending.result()
             if number + 1 < len(shards):
-                pending = pool.submit(_shard_key_ids, index, shards[number + 1][1], meta_col)
+                pending = pool.submit(_shard_key_ids, index, shards[number + 1][1], keys[number + 1][1])
             positions, key_ids = index.claim(key_ids)
             array = np.load(npy, mmap_mode="r")
             for start in range(0, len(positions), CHUNK_ROWS):
@@ -260,7 +269,10 @@ def _shard_key_ids(index: _KeyIndex, meta: Path, meta_col: str) -> np.ndarray:
 
 
 def _gather(array: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Rows of a memory-mapped array: a slice when they are contiguous, else a fancy-index copy."""
+    """Rows of a memory-mapped array (a slice when they are contiguous, else a fancy-index copy), in the
+    machine's byte order (torch takes no other)."""
     if len(positions) and positions[-1] - positions[0] == len(positions) - 1:
-        return np.asarray(array[positions[0]:positions[-1] + 1])
-    return array[positions]
+        rows = np.asarray(array[positions[0]:positions[-1] + 1])
+    else:
+        rows = array[positions]
+    return rows.astype(rows.dtype.newbyteorder("="), copy=False)

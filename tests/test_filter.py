@@ -271,6 +271,34 @@ def test_embedding_shard_without_npy_or_wrong_dim(embedded, tmp_path):
         _run(task, manifest, tmp_path / "out", embeddings=folder)
 
 
+def test_a_shard_may_name_its_url_column_otherwise_and_store_big_endian_floats(embedded, tmp_path):
+    task, manifest, folder = embedded
+    expected = read_manifest(_run(task, manifest, tmp_path / "a", embeddings=folder, threshold=-1).out).column("clip_score")
+    meta = folder / "metadata" / "metadata_1.parquet"
+    pq.write_table(pq.read_table(meta).rename_columns(["URL", "caption"]), meta)
+    npy = folder / "img_emb" / "img_emb_1.npy"
+    np.save(npy, np.load(npy).astype(">f4"))
+    scores = read_manifest(_run(task, manifest, tmp_path / "b", embeddings=folder, threshold=-1).out).column("clip_score")
+    assert scores.equals(expected)
+
+
+def test_unreadable_embedding_shards_are_named(embedded, tmp_path):
+    task, manifest, folder = embedded
+    npy, meta = folder / "img_emb" / "img_emb_1.npy", folder / "metadata" / "metadata_1.parquet"
+    np.save(npy, np.array([["a"] * 32] * 16))
+    with pytest.raises(CurateError, match=r"embeddings .*img_emb_1\.npy must hold floats, got <U1"):
+        _run(task, manifest, tmp_path / "out", embeddings=folder)
+    np.save(npy, np.zeros((16, 32), np.float32))
+    meta.write_bytes(b"not parquet")
+    with pytest.raises(CurateError, match=r"cannot read embeddings metadata .*metadata_1\.parquet: "):
+        _run(task, manifest, tmp_path / "out", embeddings=folder)
+    meta.unlink()
+    meta.mkdir()
+    with pytest.raises(CurateError, match=r"embeddings shard 1: .*img_emb_1\.npy has no matching metadata/metadata_1\.parquet"):
+        _run(task, manifest, tmp_path / "out", embeddings=folder)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- through the CLI
 def test_cli_filter_runs_offline_with_tiny_clip(shapes, tmp_path, runner):
     task, manifest = shapes
