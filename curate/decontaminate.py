@@ -109,8 +109,9 @@ def decontaminate(
             raise CurateError("decontamination needs the training images (image_path or shard/key) or their embeddings")
         rows = image_rows(table)
         train_embeddings, train_phash, unreadable = _embed(bundle, rows, Path(manifest_dir), True, reader, "train")
-    names = [str(path.relative_to(eval_dir)) for path in eval_files]
-    eval_rows = [{"uid": name, "image_path": name} for name in names]  # read errors name the eval file
+    paths = [str(path.relative_to(eval_dir)) for path in eval_files]
+    names = [_printable(path) for path in paths]
+    eval_rows = [{"uid": name, "image_path": path} for name, path in zip(names, paths)]  # read errors name the eval file
     eval_emb, eval_phash, eval_bad = _embed(bundle, eval_rows, Path(eval_dir), train_phash is not None, reader, "eval")
     if eval_bad.all():
         raise CurateError(f"none of the {len(eval_files)} eval images in {eval_dir} could be read")
@@ -130,6 +131,12 @@ def decontaminate(
         "cosine_threshold": cosine_threshold, "clip_model": bundle.name, "dedup_train": dedup_train,
     }
     return finder.result(unreadable, settings)
+
+
+def _printable(path: str) -> str:
+    """A file name as valid text: bytes that are not UTF-8 (kept by Python as lone surrogates, which parquet
+    refuses) written as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def list_eval_images(eval_dir: Path) -> list[Path]:

@@ -11,6 +11,7 @@ the default radius 4 is tested on synthetic hashes.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -142,6 +143,16 @@ def test_decontaminate_alone_embeds_the_training_images_itself(planted):
     assert dropped == {"copy-resized", "copy-recompressed", "train-dup"}
     loose = decontaminate(table, manifest.parent, eval_dir, cosine_threshold=0.95, phash_distance=RADIUS, **TINY)
     assert loose.counts["dropped"] > 3  # what a random tiny model does at the ViT-B-16 default
+
+
+def test_an_eval_file_name_that_is_not_utf8_is_written_escaped(planted):
+    task, manifest, eval_dir, _ = planted
+    folder = eval_dir / "test" / "class0"
+    os.rename(folder / "e0.png", os.path.join(os.fsencode(folder), b"caf\xe9.png"))  # bytes no UTF-8 decoder takes
+    table = read_manifest(manifest)
+    result = decontaminate(table, manifest.parent, eval_dir, cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
+    matched = dict(zip(result.pairs.column("uid").to_pylist(), result.pairs.column("match").to_pylist()))
+    assert matched["copy-resized"] == "test/class0/caf\\xe9.png"
 
 
 def test_clip_signal_on_precomputed_embeddings(tmp_path):
