@@ -330,7 +330,9 @@ def select_by_score(scores, labels, tiebreak, threshold: float = 0.2, percentile
     keep = np.zeros(len(scores), dtype=bool)
     order, ranks = rank_within_class(np.flatnonzero(scored), scores, labels, tiebreak)
     _, counts = np.unique(labels[order], return_counts=True)
-    quota = np.ceil(counts * (percentile / 100.0) - 1e-9).astype(np.int64)
+    # the tolerance keeps float noise (30 % of 10 is 3.0000000000000004) from adding a row; any share of a
+    # class is at least one row, however small P is
+    quota = np.maximum(np.ceil(counts * (percentile / 100.0) - 1e-9), 1).astype(np.int64)
     keep[order[ranks < np.repeat(quota, counts)]] = True
     return keep
 

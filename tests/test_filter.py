@@ -146,6 +146,13 @@ def test_selection_ties_are_broken_by_uid_hash_deterministically():
     assert capped.tolist() == [False, False, False, True, False]
 
 
+@pytest.mark.parametrize(("count", "percentile", "kept"), [(10, 30, 3), (10, 1e-9, 1), (7, 100 / 7 * 2, 2), (3, 100, 3)])
+def test_percentile_keeps_exactly_the_ceiling_of_its_share(count, percentile, kept):
+    scores = np.linspace(0, 1, count, dtype=np.float32)
+    keep = select_by_score(scores, np.zeros(count, np.int32), np.arange(count, dtype=np.uint64), percentile=percentile)
+    assert int(keep.sum()) == kept
+
+
 def test_two_runs_write_identical_manifests(shapes, tmp_path):
     task, manifest = shapes
     _run(task, manifest, tmp_path / "a", percentile=60, per_class_cap=2, seed=3)
