@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -267,7 +268,7 @@ def _run_img2dataset(input_path: Path, data_dir: Path, options: dict[str, Any]) 
     previous = signal.getsignal(signal.SIGINT) if main_thread else None
     start = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with _stdout_to_stderr():
             img2dataset_download(url_list=str(input_path), output_folder=str(data_dir), **options)
     except SystemExit:  # img2dataset's SIGINT handler calls sys.exit(0): that is an interruption, not success
         raise KeyboardInterrupt from None
@@ -275,6 +276,21 @@ def _run_img2dataset(input_path: Path, data_dir: Path, options: dict[str, Any]) 
         if main_thread:
             signal.signal(signal.SIGINT, previous)
     return {"seconds": time.perf_counter() - start}
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what is printed to stderr, the file descriptor too: img2dataset's worker processes print their
+    statistics there, and stdout is for the command's own summary."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _collect_results(data_dir: Path, shard_names: list[str], expected_rows: int) -> pa.Table:

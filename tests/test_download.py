@@ -228,6 +228,16 @@ def test_png_encoding_downloads(source_manifest, tmp_path):
         assert ext == "png" and data.startswith(b"\x89PNG")
 
 
+def test_stdout_holds_only_the_summary(source_manifest, tmp_path):
+    """img2dataset's worker processes print statistics: they go to stderr with its other output."""
+    curate = Path(sys.executable).parent / "curate"
+    done = subprocess.run([str(curate), "download", *_download_args(source_manifest[0], tmp_path / "d")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("downloaded 24 of 29 images to ") and done.stdout.count("\n") == 1, done.stdout
+    assert "worker  - success" in done.stderr
+
+
 def test_bad_input_and_options(tmp_path, source_manifest):
     import pyarrow as pa
 
