@@ -111,7 +111,7 @@ def decontaminate(
         train_embeddings, train_phash, unreadable = _embed(bundle, rows, Path(manifest_dir), True, reader, "train")
     paths = [str(path.relative_to(eval_dir)) for path in eval_files]
     names = [_printable(path) for path in paths]
-    eval_rows = [{"uid": name, "image_path": path} for name, path in zip(names, paths)]  # read errors name the eval file
+    eval_rows = [{"uid": name, "image_path": path} for name, path in zip(names, paths, strict=True)]  # read errors name the eval file
     eval_emb, eval_phash, eval_bad = _embed(bundle, eval_rows, Path(eval_dir), train_phash is not None, reader, "eval")
     if eval_bad.all():
         raise CurateError(f"none of the {len(eval_files)} eval images in {eval_dir} could be read")

@@ -241,7 +241,7 @@ def iter_precomputed(table: pa.Table, emb_dir: Path, dim: int, model_name: str) 
                               "use the model the embeddings were computed with")
     keys = [_match_keys(table, meta) for _, meta, _, _ in shards]  # each shard joins by its own column
     manifest_col = keys[0][0]
-    for (_, meta, _, _), (col, meta_col) in zip(shards, keys):
+    for (_, meta, _, _), (col, _) in zip(shards, keys, strict=True):
         if col != manifest_col:
             raise CurateError(f"{meta} joins the manifest by {col}, but {shards[0][1]} by {manifest_col}: the shards differ")
     index = _KeyIndex(table.column(manifest_col))

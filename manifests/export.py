@@ -20,7 +20,13 @@ import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from manifests.images import image_folders, iter_images, safe_name
-from manifests.io import UMASK, manifest_dir, read_manifest, staged_output_dir, write_report
+from manifests.io import (
+    UMASK,
+    manifest_dir,
+    read_manifest,
+    staged_output_dir,
+    write_report,
+)
 from manifests.schema import IMAGE_LOCATION_COLUMNS
 
 Exporter = Callable[[pa.Table, Path, Path], list[str]]

@@ -151,7 +151,7 @@ def test_an_eval_file_name_that_is_not_utf8_is_written_escaped(planted):
     os.rename(folder / "e0.png", os.path.join(os.fsencode(folder), b"caf\xe9.png"))  # bytes no UTF-8 decoder takes
     table = read_manifest(manifest)
     result = decontaminate(table, manifest.parent, eval_dir, cosine_threshold=STRICT, phash_distance=RADIUS, **TINY)
-    matched = dict(zip(result.pairs.column("uid").to_pylist(), result.pairs.column("match").to_pylist()))
+    matched = dict(zip(result.pairs.column("uid").to_pylist(), result.pairs.column("match").to_pylist(), strict=True))
     assert matched["copy-resized"] == "test/class0/caf\\xe9.png"
 
 

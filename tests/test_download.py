@@ -351,5 +351,5 @@ def test_exported_img2dataset_script_downloads_from_where_the_export_lies(source
     assert done.returncode == 0, done.stderr[-2000:]
     saved = pd.concat([pd.read_parquet(p) for p in sorted((moved / "images").glob("*.parquet"))])
     assert (saved["status"] == "success").sum() == GOOD
-    by_url = dict(zip(saved["url"], saved["uid"]))
+    by_url = dict(zip(saved["url"], saved["uid"], strict=True))
     assert all(by_url[row["url"]] == row["uid"] for row in rows if row["url"])  # additional columns saved

@@ -225,7 +225,12 @@ def _load_model(s: dict[str, Any], class_names: list[str]):
 # ---------------------------------------------------------------- the output folder
 def _open_run(run: _Run, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Create OUT, or reopen an interrupted run with the same settings; returns the epoch history so far."""
-    from manifests.io import make_folder, refuse_inputs_inside, remove_output, write_json
+    from manifests.io import (
+        make_folder,
+        refuse_inputs_inside,
+        remove_output,
+        write_json,
+    )
 
     out, fingerprint = run.out, {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
     if (out.exists() or out.is_symlink()) and settings["overwrite"]:
