@@ -74,6 +74,16 @@ def test_mixloss_batches_have_fixed_source_shares():
         assert sum(i < 100 for i in batch) == 8 and sum(i >= 100 for i in batch) == 2
 
 
+def test_mixloss_and_mixdata_see_as_many_images_per_epoch():
+    """A batch larger than the data (80 rows, batch 512) must not make a MixLoss epoch 512 images."""
+    sizes = [40, 40]
+    for batch_size in (512, 30):
+        data = BatchPlan(sizes, batch_size, weights=[0.5, 0.5], mode="data", seed=0).batches(0)
+        loss = BatchPlan(sizes, batch_size, weights=[0.5, 0.5], mode="loss", seed=0).batches(0)
+        assert [len(b) for b in loss] == [len(b) for b in data] == [min(batch_size, 80 - i) for i in range(0, 80, batch_size)]
+        assert all(sum(i < 40 for i in b) == len(b) // 2 for b in loss)
+
+
 @pytest.mark.parametrize(("mix", "message"), [
     ("0.5", r"1 weight\(s\) but 2"), ("a,b", "comma-separated"), ("-1,2", ">= 0"), ("0,0", "positive sum"),
 ])

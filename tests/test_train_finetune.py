@@ -222,8 +222,9 @@ def test_mixloss_and_frozen_layers_run(world, tmp_path, monkeypatch):
     assert report["model"]["layers"]["trained"] == ["head"] and report["model"]["layers"]["reinitialised"]
     assert report["n_train_images"] == 150 and {t["sources"].popitem()[0] for t in report["train"]} == {"retrieved", "synthetic"}
     assert report["settings"]["mix_mode"] == "loss"
-    # MixLoss: every batch of 32 holds a fixed 16 + 16 from the two sources, and the loss weighs each source's mean
-    assert steps == [(True, [16, 16])] * 5  # ceil(150 / 32) batches in the epoch
+    # MixLoss: every batch of 32 holds a fixed 16 + 16 from the two sources, and the loss weighs each source's mean;
+    # ceil(150 / 32) batches in the epoch, the last one the 22 images left, 11 + 11
+    assert steps == [(True, [16, 16])] * 4 + [(True, [11, 11])]
 
 
 def test_probe_selected_run_ends_without_encoding_train_or_val_or_sweeping_again(world, tmp_path, monkeypatch):

@@ -252,10 +252,11 @@ def parse_mix(mix: str | list[float] | None, n_sources: int) -> list[float] | No
 class BatchPlan:
     """Batch sampler over the concatenated sources; the order depends only on (seed, epoch).
 
-    An epoch has ceil(total / batch_size) batches (total = all sources' rows). Without weights it is a
-    shuffle of all rows. With weights, MixData ("data") draws each sample's source by weight; MixLoss
-    ("loss") gives each source a fixed share round(w * batch_size) of every batch. A source drawn more
-    often than it has rows is cycled through fresh permutations.
+    An epoch has ceil(total / batch_size) batches (total = all sources' rows), the last one smaller, so
+    every mode sees about `total` images per epoch. Without weights it is a shuffle of all rows. With
+    weights, MixData ("data") draws each sample's source by weight; MixLoss ("loss") gives each source a
+    fixed share round(w * size) of every batch. A source drawn more often than it has rows is cycled
+    through fresh permutations.
     """
 
     def __init__(self, sizes: list[int], batch_size: int, weights: list[float] | None = None, mode: str = "data", seed: int = 0):
@@ -284,8 +285,12 @@ class BatchPlan:
             choice = rng.choice(len(self.sizes), size=total, p=self.weights)
             order = [streams[s].next() for s in choice]
             return [order[i : i + self.batch_size] for i in range(0, total, self.batch_size)]
-        shares = [max(1, round(w * self.batch_size)) if w > 0 else 0 for w in self.weights]
-        return [[streams[s].next() for s, share in enumerate(shares) for _ in range(share)] for _ in range(len(self))]
+        sizes = [min(self.batch_size, total - start) for start in range(0, total, self.batch_size)]
+        return [[streams[s].next() for s, share in enumerate(self._shares(size)) for _ in range(share)] for size in sizes]
+
+    def _shares(self, size: int) -> list[int]:
+        """Rows of each source in a MixLoss batch of `size`: at least one of every source with weight."""
+        return [max(1, round(w * size)) if w > 0 else 0 for w in self.weights]
 
 
 class _Stream:
