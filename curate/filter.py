@@ -169,8 +169,10 @@ def _check_options(mode, threshold, percentile, per_class_cap, batch_size, worke
 
 
 def _check_labels(table: pa.Table, task) -> None:
-    """Every label names the task's class of that index (case aside): a manifest made for another task, or
+    """Every label names the task's class of that index (case and Unicode form aside): a manifest made for another task, or
     the same classes in another order, would otherwise be scored against the wrong class texts."""
+    from curate.tasks import name_key
+
     if not table.num_rows:
         return
     top = pc.max(table.column("label")).as_py()
@@ -178,7 +180,7 @@ def _check_labels(table: pa.Table, task) -> None:
         raise CurateError(f"manifest label {top} is out of range for task '{task.name}' ({len(task.classes)} classes)")
     pairs = table.select(["label", "class_name"]).group_by(["label", "class_name"]).aggregate([])
     for label, name in zip(pairs.column("label").to_pylist(), pairs.column("class_name").to_pylist(), strict=True):
-        if name.casefold() != task.class_names[label].casefold():
+        if name_key(name) != name_key(task.class_names[label]):
             raise CurateError(f"manifest label {label} is class '{name}', but task '{task.name}' calls it "
                               f"'{task.class_names[label]}': filter with the task the manifest was made for")
 

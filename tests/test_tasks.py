@@ -49,6 +49,7 @@ def test_text_task_one_class_per_line(write_task):
         ({"name": "t", "classes": []}, "no classes"),
         ({"name": "t"}, "no classes"),
         ({"name": "t", "classes": ["Rose", "rose"]}, "duplicate class name 'rose'"),
+        ({"name": "t", "classes": ["caf\u00e9", "cafe\u0301"]}, "duplicate class name 'cafe\u0301'"),  # one name, two forms
         ({"name": "t", "classes": [{"name": "rose", "aliases": ["Tulip"]}, "tulip"]},
          "alias 'Tulip' of class 'rose' also names class 'tulip'"),
         ({"name": "t", "classes": [{"name": "a", "aliases": ["rose  bush"]}, {"name": "b", "aliases": ["Rose Bush"]}]},

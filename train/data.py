@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pyarrow as pa
 
 from curate.choices import MIX_MODES, check_choice
 from curate.errors import CurateError
+from curate.tasks import name_key
 from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest, read_report
 from manifests.export import CLASSES_FILE
 from manifests.images import (
@@ -179,11 +179,6 @@ def scan_eval_folder(root: str | Path, class_names: list[str], splits: tuple[str
     for label, name in enumerate(class_names):
         safe.setdefault(name_key(safe_name(name)), set()).add(label)
     return {split: _scan_split(root / split, labels, safe, class_names) for split in splits}
-
-
-def name_key(name: str) -> str:
-    """How class names compare: case aside, and in one Unicode form (macOS writes file names decomposed)."""
-    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _scan_split(folder: Path, labels: dict[str, int], safe: dict[str, set[int]], class_names: list[str]) -> list[tuple[Path, int]]:

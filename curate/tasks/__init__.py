@@ -7,6 +7,7 @@ from curate.tasks.task import (
     builtin_task_file,
     builtin_task_names,
     load_task,
+    name_key,
 )
 
-__all__ = ["ClassSpec", "Task", "builtin_task", "builtin_task_file", "builtin_task_names", "load_task"]
+__all__ = ["ClassSpec", "Task", "builtin_task", "builtin_task_file", "builtin_task_names", "load_task", "name_key"]

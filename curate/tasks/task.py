@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +197,14 @@ def _check_unique_names(classes: tuple[ClassSpec, ...], where: str) -> None:
                 raise CurateError(f"{where}: alias {alias!r} of class {spec.name!r} also names class {other!r}")
 
 
+def name_key(name: str) -> str:
+    """How class names compare (task files, manifests, eval folders): case aside, and in one Unicode form
+    (macOS writes file names decomposed)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def _term_key(term: str) -> str:
-    return " ".join(term.casefold().split())  # as captions match it: any case, any run of whitespace
+    return " ".join(name_key(term).split())  # as captions match it: any case, any run of whitespace
 
 
 def _string(value: Any, what: str, where: str, allow_empty: bool = False) -> str:
