@@ -40,12 +40,11 @@ from manifests.export import IMG2DATASET_FILE
 from manifests.io import (
     MANIFEST_NAME,
     atomic_write,
+    clear_output,
     make_folder,
     manifest_dir,
     read_manifest,
     read_report,
-    refuse_inputs_inside,
-    remove_output,
     write_json,
     write_manifest,
     write_report,
@@ -210,8 +209,7 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool, resume: bool, sou
     if out.exists() and not out.is_dir():
         raise CurateError(f"output path {out} exists and is not a folder")
     if out.exists() and overwrite:
-        refuse_inputs_inside(out, [source])
-        remove_output(out)
+        clear_output(out, [source])
     if out.exists() and any(out.iterdir()):
         _check_resumable(out, fingerprint, resume)
         log.info("resuming the interrupted download in %s", out)

@@ -31,7 +31,7 @@ from curate.choices import FILTER_MODES, check_choice
 from curate.embeddings import ImageRows, iter_image_embeddings, iter_precomputed
 from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
-from manifests.images import has_images, image_folders, image_rows, rebase_images
+from manifests.images import has_images, image_rows, rebase_images
 from manifests.uid import seeded_ranks
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def filter_images(
     from curate.models import load_clip, resolve_device, resolve_pretrained
     from curate.tasks import load_task
     from manifests.io import manifest_dir as folder_of
-    from manifests.io import read_manifest, staged_output_dir
+    from manifests.io import manifest_inputs, read_manifest, staged_output_dir
 
     _check_options(mode, threshold, percentile, per_class_cap, batch_size, workers)
     started = time.perf_counter()
@@ -126,8 +126,8 @@ def filter_images(
 
         check_options(phash_distance, cosine_threshold)
         list_eval_images(Path(decontaminate))
-    named = [path for path in (manifest, embeddings, decontaminate) if path is not None]
-    with staged_output_dir(out, overwrite, inputs=itertools.chain(named, image_folders(table, manifest_dir))) as stage:
+    named = [path for path in (embeddings, decontaminate) if path is not None]
+    with staged_output_dir(out, overwrite, inputs=itertools.chain(named, manifest_inputs(manifest, table))) as stage:
         device = resolve_device(device)
         pretrained = resolve_pretrained(clip_model, clip_pretrained)
         bundle = load_clip(clip_model, pretrained, device)

@@ -8,7 +8,6 @@ export leaves nothing behind.
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +18,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from manifests.images import image_folders, iter_images, safe_name
+from manifests.images import iter_images, safe_name
 from manifests.io import (
     UMASK,
     manifest_dir,
+    manifest_inputs,
     read_manifest,
     staged_output_dir,
     write_report,
@@ -170,8 +170,7 @@ def export_manifest(manifest: str | Path, fmt: str, out: str | Path, overwrite: 
         raise CurateError(f"unknown export format '{fmt}'; choose one of {', '.join(sorted(EXPORTERS))}")
     manifest = Path(manifest)
     table = read_manifest(manifest)
-    inputs = itertools.chain([manifest], image_folders(table, manifest_dir(manifest)))
-    with staged_output_dir(out, overwrite=overwrite, inputs=inputs) as staging:
+    with staged_output_dir(out, overwrite=overwrite, inputs=manifest_inputs(manifest, table)) as staging:
         files = EXPORTERS[fmt](table, manifest_dir(manifest), staging)
         write_report(staging, {"stage": "export", "format": fmt, "manifest": str(manifest), "rows": table.num_rows, "files": files})
     return f"exported {table.num_rows} rows as {fmt} to {out}: {', '.join(files)}"

@@ -228,6 +228,20 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
     os.replace(staging, out)
 
 
+def clear_output(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
+    """Delete a previous output that --overwrite replaces, unless it holds one of the command's inputs."""
+    refuse_inputs_inside(out, inputs)
+    remove_output(out)
+
+
+def manifest_inputs(manifest: str | os.PathLike, table: pa.Table) -> Iterator[Path]:
+    """What a stage reading `manifest` reads: the manifest, and the folders of its images (listed lazily)."""
+    from manifests.images import image_folders
+
+    yield Path(manifest)
+    yield from image_folders(table, manifest_dir(manifest))
+
+
 def remove_output(out: Path) -> None:
     """Delete a previous output: a folder, a file, or a link (the link only, never what it points to)."""
     if out.is_symlink() or not out.is_dir():
@@ -245,7 +259,7 @@ def make_folder(path: Path) -> None:
 
 def refuse_inputs_inside(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
     """One error if the existing output `out` is, or holds, one of the command's inputs: replacing it would delete them."""
-    resolved = out.resolve()
+    resolved = out.parent.resolve() / out.name if out.is_symlink() else out.resolve()  # a link goes, not its target
     for path in inputs:
         real = Path(path).resolve()
         if real == resolved or resolved in real.parents:

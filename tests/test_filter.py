@@ -389,9 +389,12 @@ def test_overwrite_never_deletes_embeddings_eval_images_or_images_elsewhere(shap
     write_manifest(rebase_images(read_manifest(source), source.parent, moved.parent), moved)  # images in ../src
     with pytest.raises(CurateError, match=f"output directory {tmp_path / 'src'} holds the input {tmp_path / 'src'}/"):
         _run(task, moved, tmp_path / "src", overwrite=True, threshold=-1)
-    with pytest.raises(CurateError, match=f"output directory {tmp_path / 'src'} holds the input {tmp_path / 'src'}"):
-        _run(task, moved, tmp_path / "src", overwrite=True, threshold=-1, decontaminate=tmp_path / "src")
+    evals = tmp_path / "evals"  # holds no training image: only --decontaminate names it
+    make_image(evals / "test" / "red circle" / "e.png", seed=1)
+    with pytest.raises(CurateError, match=f"output directory {evals} holds the input {evals}"):
+        _run(task, moved, evals, overwrite=True, threshold=-1, decontaminate=evals)
     assert len(list((tmp_path / "src").rglob("*.png"))) + len(list((tmp_path / "src").rglob("*.jpg"))) == 3
+    assert (evals / "test" / "red circle" / "e.png").exists()
     assert sorted(os.listdir(emb)) == ["img_emb", "metadata"]
 
 

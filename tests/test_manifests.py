@@ -178,7 +178,7 @@ def test_staged_output_replaces_a_link_not_its_target_and_names_a_blocked_path(t
     (target / "keep.txt").write_text("mine")
     link = tmp_path / "link"
     link.symlink_to(target)
-    with staged_output_dir(link, overwrite=True) as staging:
+    with staged_output_dir(link, overwrite=True, inputs=[target / "keep.txt"]) as staging:  # the link goes, not the input
         write_report(staging, {"stage": "test"})
     assert not link.is_symlink() and (link / "report.json").exists()
     assert (target / "keep.txt").read_text() == "mine"

@@ -195,10 +195,11 @@ def test_overwrite_never_deletes_the_runs_inputs(world, tmp_path, runner):
     for row in rows:
         row["image_path"] = str(world.manifest.parent / row["image_path"])  # absolute: the manifest moves
     train = write_rows(tmp_path / "m", rows)
-    for out in (train, train.parent, tmp_path):
+    images = world.manifest.parent / Path(rows[0]["image_path"]).relative_to(world.manifest.parent).parts[0]
+    for out in (train, train.parent, tmp_path, images):
         args = ["finetune-and-probe", "--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir), "--out", str(out),
                 "--model", "tiny-clip", "--workers", "0", "--train", str(train), "--overwrite"]
-        assert_cli_error(runner.invoke(cli, args), f"output directory {out} holds the input {train}")
+        assert_cli_error(runner.invoke(cli, args), f"output directory {out} holds the input {images if out == images else train}")
     assert read_manifest(train).num_rows == len(rows)
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,17 +226,11 @@ def _load_model(s: dict[str, Any], class_names: list[str]):
 # ---------------------------------------------------------------- the output folder
 def _open_run(run: _Run, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Create OUT, or reopen an interrupted run with the same settings; returns the epoch history so far."""
-    from manifests.io import (
-        make_folder,
-        refuse_inputs_inside,
-        remove_output,
-        write_json,
-    )
+    from manifests.io import clear_output, make_folder, write_json
 
     out, fingerprint = run.out, {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
     if (out.exists() or out.is_symlink()) and settings["overwrite"]:
-        refuse_inputs_inside(out, _input_paths(settings))
-        remove_output(out)
+        clear_output(out, _input_paths(run))
     if out.exists():
         _check_resumable(out, fingerprint, settings["resume"])
         history = _read_history(out)
@@ -246,10 +241,16 @@ def _open_run(run: _Run, settings: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
-def _input_paths(settings: dict[str, Any]) -> list[str]:
-    """The files and folders a run reads (a builtin task name or an open_clip tag is none)."""
-    named = [*settings["train"], settings["eval_data"], settings["eval_task"], settings["init_from"], settings["pretrained"]]
-    return [str(path) for path in named if path and Path(path).exists()]
+def _input_paths(run: _Run) -> Iterator[str | Path]:
+    """The files and folders a run reads (a builtin task name or an open_clip tag is none), the folders of the
+    training images last: listed only if an output is to be replaced."""
+    from manifests.images import image_folders
+
+    s = run.settings
+    named = [*s["train"], s["eval_data"], s["eval_task"], s["init_from"], s["pretrained"]]
+    yield from (path for path in named if path and Path(path).exists())
+    for source in run.sources:
+        yield from image_folders(source.table, source.manifest_dir)
 
 
 def _check_resumable(out: Path, fingerprint: dict[str, Any], resume: bool) -> None:
