@@ -73,6 +73,21 @@ def test_gradient_accumulation_matches_the_full_batch(mix_loss, torch_one_thread
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_an_epoch_stops_on_weights_that_are_no_longer_finite_not_on_a_skipped_step(monkeypatch):
+    """With fp16, GradScaler skips a step whose gradients overflow: its loss is inf or NaN, the weights stay."""
+    from curate.errors import CurateError
+
+    model = _Tiny()
+    trainer = Trainer(model, model, TrainConfig(epochs=1, lr=1e-2, warmup=0), steps_per_epoch=2)
+    batches = [(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long))] * 2
+    monkeypatch.setattr(Trainer, "_accumulate", lambda self, images, labels, sources: float("nan"))
+    assert trainer.train_epoch(batches, 1)["train_loss"] is None  # no finite step: null in the report, not NaN
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("inf")
+    with pytest.raises(CurateError, match="^training diverged in epoch 2: the weights are no longer finite"):
+        trainer.train_epoch(batches, 2)
+
+
 def test_channels_last_converts_the_models_weights():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten())
     Trainer(model, model, TrainConfig(epochs=1, channels_last=True), steps_per_epoch=1)

@@ -401,7 +401,8 @@ def _train(run: _Run, history: list[dict[str, Any]]) -> None:
             save_checkpoint(run.out / "checkpoints" / f"epoch_{epoch}.pt", run.bundle, run.classifier, run.task.class_names, epoch)
         extra = {"trainer": run.trainer.state_dict(), "best": best, "train_seconds": run.train_seconds, "train_images": run.train_images}
         save_checkpoint(last, run.bundle, run.classifier, run.task.class_names, epoch, extra=extra)
-        log.info("epoch %d: loss %.4f, %s %.4f", epoch, stats["train_loss"], score_key, record[score_key])
+        loss = "n/a" if stats["train_loss"] is None else f"{stats['train_loss']:.4f}"
+        log.info("epoch %d: loss %s, %s %.4f", epoch, loss, score_key, record[score_key])
 
 
 def _train_loader(run: _Run):

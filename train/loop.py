@@ -97,11 +97,12 @@ class Trainer:
         self.step, self.accum = int(state["step"]), int(state["accum"])
 
     def train_epoch(self, loader, epoch: int) -> dict[str, float]:
-        """One pass over `loader`; returns mean loss, images, seconds, last lr."""
+        """One pass over `loader`; returns mean loss (of the steps whose loss is finite: an fp16 step skipped for
+        overflow is left out, and a JSON report holds no NaN), images, seconds, last lr."""
         from tqdm import tqdm
 
         self.model.train()
-        start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        start, seen, loss_sum, counted = time.perf_counter(), 0, 0.0, 0
         progress = tqdm(loader, desc=f"epoch {epoch}/{self.config.epochs}", leave=False, disable=None)
         for images, labels, sources in progress:
             lr = cosine_lr(self.step, self.config.lr, self.config.warmup, self.total_steps)
@@ -110,12 +111,17 @@ class Trainer:
             loss = self._step(images, labels, sources)
             self.step += 1
             seen += len(labels)
-            loss_sum += loss * len(labels)
+            if math.isfinite(loss):
+                loss_sum, counted = loss_sum + loss * len(labels), counted + len(labels)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         seconds = time.perf_counter() - start
-        if math.isnan(loss_sum):
-            raise CurateError(f"training diverged in epoch {epoch}: the loss is NaN (try a lower --lr)")
-        return {"train_loss": loss_sum / max(1, seen), "images": seen, "seconds": seconds, "lr": lr if seen else 0.0}
+        if not self._weights_finite():  # not the loss: with fp16, GradScaler skips an overflowing step itself
+            raise CurateError(f"training diverged in epoch {epoch}: the weights are no longer finite (try a lower --lr)")
+        return {"train_loss": loss_sum / counted if counted else None, "images": seen, "seconds": seconds, "lr": lr if seen else 0.0}
+
+    def _weights_finite(self) -> bool:
+        with torch.no_grad():
+            return bool(torch.stack([param.isfinite().all() for param in self.params]).all()) if self.params else True
 
     def _step(self, images, labels, sources) -> float:
         """One optimizer step on a full batch, split into micro-batches; on CUDA OOM retry with more."""
