@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from manifests.io import (
 )
 from manifests.schema import IMAGE_LOCATION_COLUMNS
 
+log = logging.getLogger(__name__)
 Exporter = Callable[[pa.Table, Path, Path], list[str]]
 IMG2DATASET_FILE = "img2dataset_input.parquet"
 IMG2DATASET_SCRIPT = "img2dataset_command.sh"
@@ -131,6 +133,19 @@ def export_imagefolder(table: pa.Table, manifest_dir: Path, out: Path) -> list[s
         name = _unique(f"{folder}/{safe_name(str(row['uid']))}.{ext}", written, row)
         (out / name).write_bytes(data)
     return [CLASSES_FILE, *sorted(f"{folder}/" for folder in folders.values())]
+
+
+def read_class_folders(folder: Path) -> dict[str, str] | None:
+    """Folder -> class name from export_imagefolder's classes.txt in `folder`; None without one, or when the
+    file is not the exporter's (many data sets ship a classes.txt of their own)."""
+    listing = folder / CLASSES_FILE
+    if not listing.is_file():
+        return None
+    rows = [line.split("\t") for line in listing.read_text(encoding="utf-8").splitlines() if line]
+    if not rows or any(len(row) != 3 or not row[0].isdigit() for row in rows):
+        log.warning("%s is not a curate export's classes.txt (label, class name, folder): folders are read by name", listing)
+        return None
+    return {sub: name for _, name, sub in rows}
 
 
 def _class_folders(table: pa.Table) -> dict[tuple[int, str], str]:

@@ -139,14 +139,28 @@ def test_eval_folder_names_in_decomposed_unicode_find_their_class(tmp_path):
 
 
 def test_eval_folder_exported_with_classes_txt_keeps_labels_two_names_share_a_folder_for(tmp_path):
-    names = ["AC/DC", "AC:DC"]  # both become the folder AC_DC
-    root = _folder(tmp_path / "ev", classes=["AC_DC"])
+    from helpers_images import make_image_manifest
+
+    from manifests.export import export_manifest
+
+    names = ("AC/DC", "AC:DC")  # both become the folder AC_DC; an export of AC:DC images alone names it so
+    for split in ("train", "val", "test"):
+        manifest = make_image_manifest(tmp_path / "src", per_class=[0, 2], classes=names, folder=split)
+        export_manifest(manifest, "imagefolder", tmp_path / "ev" / split)
+    assert sorted(p.name for p in (tmp_path / "ev" / "val").iterdir()) == ["AC_DC", "classes.txt", "report.json"]
+    samples = scan_eval_folder(tmp_path / "ev", list(names))
+    assert {split: [label for _, label in rows] for split, rows in samples.items()} == {s: [1, 1] for s in ("train", "val", "test")}
+    for split in ("train", "val", "test"):
+        (tmp_path / "ev" / split / "classes.txt").unlink()
     with pytest.raises(CurateError, match="could be class 'AC/DC' or 'AC:DC' .*add the exporter's classes.txt"):
-        scan_eval_folder(root, names)
-    for split in ("train", "val", "test"):  # an export holding only AC:DC images names its folder AC_DC
-        (root / split / "classes.txt").write_text("1\tAC:DC\tAC_DC\n")
-    assert {split: [label for _, label in samples] for split, samples in scan_eval_folder(root, names).items()} == {
-        "train": [1], "val": [1], "test": [1]}
+        scan_eval_folder(tmp_path / "ev", list(names))
+
+
+def test_a_classes_txt_of_another_format_is_not_read(tmp_path):
+    root = _folder(tmp_path / "ev", classes=["red circle", "green square"])
+    for split in ("train", "val", "test"):
+        (root / split / "classes.txt").write_text("red circle\ngreen square\n")  # one name a line, as many data sets ship
+    assert sorted(label for _, label in scan_eval_folder(root, list(CLASSES))["val"]) == [0, 1]
 
 
 def _row(i, name, label=None, source="real"):

@@ -24,7 +24,7 @@ from curate.choices import MIX_MODES, check_choice
 from curate.errors import CurateError
 from curate.tasks import name_key
 from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest, read_report
-from manifests.export import CLASSES_FILE
+from manifests.export import CLASSES_FILE, read_class_folders
 from manifests.images import (
     IMAGE_SUFFIXES,
     has_images,
@@ -211,20 +211,12 @@ def _folder_label(sub: Path, exported: dict[str, int], labels: dict[str, int], s
 
 
 def _exported_folders(folder: Path, labels: dict[str, int]) -> dict[str, int]:
-    """Folder -> label from the ImageFolder exporter's classes.txt (label, class name, folder per line), if any."""
-    listing = folder / CLASSES_FILE
-    if not listing.is_file():
-        return {}
-    exported = {}
-    for line in listing.read_text(encoding="utf-8").splitlines():
-        parts = line.split("\t")
-        if len(parts) != 3:
-            raise CurateError(f"{listing}: expected 'label<TAB>class name<TAB>folder' lines, got {line!r}")
-        _, name, sub = parts
-        if name_key(name) not in labels:
-            raise CurateError(f"{listing} lists class {name!r}, which is not a class of the eval task")
-        exported[sub] = labels[name_key(name)]
-    return exported
+    """Folder -> label from an ImageFolder export's classes.txt, if the split has one."""
+    named = read_class_folders(folder) or {}
+    strangers = [name for name in named.values() if name_key(name) not in labels]
+    if strangers:
+        raise CurateError(f"{folder / CLASSES_FILE} lists class {strangers[0]!r}, which is not a class of the eval task")
+    return {sub: labels[name_key(name)] for sub, name in named.items()}
 
 
 # ---------------------------------------------------------------- batches and mixing
