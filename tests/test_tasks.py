@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from curate.cli import cli
@@ -82,12 +84,20 @@ def test_yaml_scalars_keep_their_spelling_as_class_names(tmp_path):
     assert load_task(path).class_names == ["0777", "1.10", "12:30", "007", "true", "2001-01-01", "1e3", "x"]
 
 
-@pytest.mark.parametrize("suffix", [".txt", ".yaml", ".json"])
-def test_a_byte_order_mark_is_not_part_of_the_first_class(tmp_path, suffix):
-    path = tmp_path / f"t{suffix}"
-    text = {".txt": "rose\ntulip\n", ".yaml": "classes: [rose, tulip]\n", ".json": '{"classes": ["rose", "tulip"]}'}[suffix]
-    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+def test_a_byte_order_mark_is_not_part_of_the_first_class(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"\xef\xbb\xbfrose\ntulip\n")
     assert load_task(path).class_names == ["rose", "tulip"]
+
+
+def test_json_task_files(tmp_path):
+    """JSON is read as JSON: YAML refuses tab indents and reads the escape of a 🌹 as two lone surrogates."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"name": "t", "classes": ["rose \U0001F339", "tulip"]}, indent="\t"))
+    assert load_task(path).class_names == ["rose \U0001F339", "tulip"]
+    path.write_text('{"classes": ["rose",}')
+    with pytest.raises(CurateError, match="is not valid JSON: "):
+        load_task(path)
 
 
 def test_unknown_task_name():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ BUILTIN_DIR = Path(__file__).parent
 _TASK_KEYS = {"name", "domain_text", "templates", "class_suffix", "backgrounds", "classes"}
 _CLASS_KEYS = {"name", "aliases", "require_any", "exclude"}
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
-_YAML_SUFFIXES = (".yaml", ".yml", ".json")  # JSON is YAML
+_YAML_SUFFIXES = (".yaml", ".yml")
 _KEPT_TAGS = ("tag:yaml.org,2002:null", "tag:yaml.org,2002:merge")
 
 
@@ -111,6 +112,8 @@ def load_task(ref: str | Path | Task) -> Task:
         raise CurateError(f"cannot read task file {path}: {exc}") from None
     if path.suffix.lower() in _YAML_SUFFIXES:
         return task_from_data(_parse_yaml(text, path), source=str(path))
+    if path.suffix.lower() == ".json":
+        return task_from_data(_parse_json(text, path), source=str(path))
     return task_from_lines(text, name=path.stem, source=str(path))
 
 
@@ -160,6 +163,13 @@ def _check_template(template: str, where: str) -> None:
                           f"({type(exc).__name__}: {exc})") from None
     if marker not in filled:
         raise CurateError(f"{where}: template {template!r} has no '{{}}' placeholder for the class name")
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CurateError(f"task file {path} is not valid JSON: {exc}") from None
 
 
 def _parse_yaml(text: str, path: Path) -> Any:
