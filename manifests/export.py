@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def export_img2dataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[s
     script = (
         "#!/bin/sh\n# Download the exported rows' images into ./images with img2dataset.\n"
         f'cd "$(dirname "$0")" && exec img2dataset --url_list {IMG2DATASET_FILE} --input_format parquet '
-        f"--url_col url --caption_col caption --save_additional_columns '{json.dumps(saved)}' "
+        f"--url_col url --caption_col caption --save_additional_columns {shlex.quote(json.dumps(saved))} "
         "--output_folder images --output_format files --image_size 256 \"$@\"\n"
     )
     (out / IMG2DATASET_SCRIPT).write_text(script, encoding="utf-8")

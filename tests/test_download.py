@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -61,8 +62,6 @@ def source_manifest(server, tmp_path_factory):
             "source": "retrieved", "caption": f"a photo of a {CLASSES[i % 3]} #{i}", "url": url,
             "matched_text": CLASSES[i % 3], "width": 100 + i, "height": 50 + i, "laion_similarity": 0.3 + i / 100,
         })
-    import pyarrow as pa
-
     path = tmp_path_factory.mktemp("in") / "manifest.parquet"
     write_manifest(pa.Table.from_pylist(rows), path)
     return path, rows
@@ -214,8 +213,6 @@ def test_webdataset_output_matches_files_output(source_manifest, files_run, tmp_
 
 def test_png_encoding_downloads(source_manifest, tmp_path):
     """img2dataset's default quality (95) is no png compression level (0-9): it refused every png download."""
-    import pyarrow as pa
-
     rows = [row for row in source_manifest[1] if row["url"] and "img-" in row["url"]][:4]
     manifest = tmp_path / "four.parquet"
     write_manifest(pa.Table.from_pylist(rows), manifest)
@@ -239,8 +236,6 @@ def test_stdout_holds_only_the_summary(source_manifest, tmp_path):
 
 
 def test_bad_input_and_options(tmp_path, source_manifest):
-    import pyarrow as pa
-
     no_url = tmp_path / "no-url.parquet"
     write_manifest(pa.table({"uid": ["a"], "label": [0], "class_name": ["x"], "source": ["synthetic"], "caption": ["c"]}), no_url)
     out = tmp_path / "never"
@@ -295,8 +290,6 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path):
     import sys
     import time
 
-    import pyarrow as pa
-
     (tmp_path / "www").mkdir()
     for i in range(20):
         write_image(tmp_path / "www" / f"{i}.jpg", COLORS[i % 3])
@@ -338,13 +331,17 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path):
 
 def test_exported_img2dataset_script_downloads_from_where_the_export_lies(source_manifest, tmp_path):
     manifest, rows = source_manifest
+    quoted = tmp_path / "m" / "manifest.parquet"  # a column name with a quote must not break the script
+    quoted.parent.mkdir()
+    write_manifest(read_manifest(manifest).append_column("it's", pa.array(["x"] * len(rows))), quoted)
+    manifest = quoted
     result = CliRunner().invoke(cli, ["export", "--manifest", str(manifest), "--format", "img2dataset",
                                       "--out", str(tmp_path / "exp")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     moved = tmp_path / "moved"
     (tmp_path / "exp").rename(moved)  # the script finds its input wherever the folder ends up
     script = moved / "img2dataset_command.sh"
-    assert "'[\"uid\", \"label\", \"class_name\", \"source\", \"matched_text\", \"laion_similarity\"]'" in script.read_text()
+    assert "'[\"uid\", \"label\", \"class_name\", \"source\", \"matched_text\", \"laion_similarity\", \"it'\"'\"'s\"]'" in script.read_text()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run([str(script), "--processes_count", "1", "--thread_count", "4", "--timeout", "5"],
                           env=env, capture_output=True, text=True, timeout=300)
