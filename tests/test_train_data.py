@@ -82,6 +82,10 @@ def test_mixloss_and_mixdata_see_as_many_images_per_epoch():
         loss = BatchPlan(sizes, batch_size, weights=[0.5, 0.5], mode="loss", seed=0).batches(0)
         assert [len(b) for b in loss] == [len(b) for b in data] == [min(batch_size, 80 - i) for i in range(0, 80, batch_size)]
         assert all(sum(i < 40 for i in b) == len(b) // 2 for b in loss)
+    odd = BatchPlan([10, 10], 19, weights=[0.5, 0.5], mode="loss", seed=0).batches(0)  # 9.5 + 9.5 rows wanted
+    assert [len(b) for b in odd] == [19, 1]
+    plan = BatchPlan([500, 5, 5], 100, weights=[0.996, 0.002, 0.002], mode="loss", seed=0)
+    assert [plan._shares(size) for size in (100, 10, 2)] == [[98, 1, 1], [8, 1, 1], [1, 1, 0]]
 
 
 @pytest.mark.parametrize(("mix", "message"), [

@@ -276,8 +276,18 @@ class BatchPlan:
         return [[streams[s].next() for s, share in enumerate(self._shares(size)) for _ in range(share)] for size in sizes]
 
     def _shares(self, size: int) -> list[int]:
-        """Rows of each source in a MixLoss batch of `size`: at least one of every source with weight."""
-        return [max(1, round(w * size)) if w > 0 else 0 for w in self.weights]
+        """Rows of each source in a MixLoss batch: w * size, rounded so that they add up to `size` (largest
+        remainders first), then at least one of every source with weight while the batch has room."""
+        exact = [w * size for w in self.weights]
+        shares = [math.floor(x) for x in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: (shares[i] - exact[i], i))
+        for i in by_remainder[: size - sum(shares)]:
+            shares[i] += 1
+        for i in [i for i, w in enumerate(self.weights) if w > 0 and shares[i] == 0]:
+            donor = max(range(len(shares)), key=lambda j: (shares[j], -j))
+            if shares[donor] > 1:
+                shares[donor], shares[i] = shares[donor] - 1, 1
+        return shares
 
 
 class _Stream:
