@@ -280,15 +280,22 @@ def _run_img2dataset(input_path: Path, data_dir: Path, options: dict[str, Any]) 
 def _stdout_to_stderr() -> Iterator[None]:
     """Send what is printed to stderr, the file descriptor too: img2dataset's worker processes print their
     statistics there, and stdout is for the command's own summary."""
-    sys.stdout.flush()
-    saved = os.dup(1)
+    if sys.stdout is not None:
+        sys.stdout.flush()
     try:
-        os.dup2(2, 1)
+        saved = os.dup(1)
+    except OSError:  # no stdout at all (run with 1>&-): the workers get stderr, and it is closed again after
+        saved = None
+    os.dup2(2, 1)
+    try:
         with contextlib.redirect_stdout(sys.stderr):
             yield
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+        if saved is None:
+            os.close(1)
+        else:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def _collect_results(data_dir: Path, shard_names: list[str], expected_rows: int) -> pa.Table:

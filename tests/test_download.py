@@ -233,6 +233,10 @@ def test_stdout_holds_only_the_summary(source_manifest, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("downloaded 24 of 29 images to ") and done.stdout.count("\n") == 1, done.stdout
     assert "worker  - success" in done.stderr
+    closed = subprocess.run([str(curate), "download", *_download_args(source_manifest[0], tmp_path / "e")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
+                            preexec_fn=lambda: os.close(1))  # run as `curate download ... 1>&-`
+    assert "Traceback" not in closed.stderr and (tmp_path / "e" / "manifest.parquet").exists(), closed.stderr[-2000:]
 
 
 def test_bad_input_and_options(tmp_path, source_manifest):
