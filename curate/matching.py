@@ -148,7 +148,8 @@ def _term_body(term: str) -> str:
 
 
 def _bounded_before(text: str, start: int) -> bool:
-    return start == 0 or not text[start - 1].isalnum()
+    """Not preceded by a letter or digit, nor by a combining mark (which belongs to the letter before it)."""
+    return start == 0 or not (text[start - 1].isalnum() or unicodedata.category(text[start - 1]).startswith("M"))
 
 
 def _bounded_after(text: str, end: int) -> bool:

@@ -42,6 +42,7 @@ def make(classes, mode="word", engine="hyperscan") -> CaptionMatcher:
         ("word", "primrose", []),
         ("word", "rose\u0301 wine", []),  # a decomposed "rosé": e and a combining accent, no word boundary
         ("substring", "rose\u0301 wine", ["rose"]),
+        ("word", "pe\u0301rose", []),  # "pérose" decomposed: the accent belongs to the e before the term
     ],
 )
 def test_case_insensitive_word_and_substring(engine, mode, caption, expected):
