@@ -109,7 +109,8 @@ def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[st
 
     pattern = str(out).replace("%", "%%") + "/shard-%06d.tar"
     keys: set[str] = set()
-    with wds.ShardWriter(pattern, maxcount=SAMPLES_PER_TAR, verbose=0) as sink:
+    # a fixed member time: the same manifest exports to the same bytes (tar members carry the time otherwise)
+    with wds.ShardWriter(pattern, maxcount=SAMPLES_PER_TAR, verbose=0, mtime=0) as sink:
         for row, data, ext in iter_images(table, manifest_dir):
             key = _unique(safe_name(str(row["uid"]).replace(".", "_")), keys, row)
             meta = {k: v for k, v in row.items() if k not in ("label", "caption", *IMAGE_LOCATION_COLUMNS)}

@@ -219,6 +219,17 @@ def test_webdataset_export_round_trip(tmp_path, layout):
     assert read_report(out)["files"] == ["shard-000000.tar"]
 
 
+def test_webdataset_export_is_the_same_bytes_at_another_time(tmp_path, monkeypatch):
+    import time
+
+    manifest = files_manifest(tmp_path / "m")
+    assert _export(manifest, "webdataset", tmp_path / "a").exit_code == 0
+    later = time.time() + 3600
+    monkeypatch.setattr(time, "time", lambda: later)  # tar members would carry the export's time
+    assert _export(manifest, "webdataset", tmp_path / "b").exit_code == 0
+    assert (tmp_path / "a" / "shard-000000.tar").read_bytes() == (tmp_path / "b" / "shard-000000.tar").read_bytes()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_imagefolder_export_round_trip(tmp_path, layout):
     manifest = LAYOUTS[layout](tmp_path / "m")
