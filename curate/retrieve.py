@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -182,7 +183,7 @@ def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task,
     import duckdb
 
     threads = threads or os.cpu_count() or 1
-    with duckdb.connect(config={"threads": threads}) as con, con.cursor() as details_con, \
+    with _closed(duckdb.connect(config={"threads": threads})) as con, _closed(con.cursor()) as details_con, \
             concurrent.futures.ThreadPoolExecutor(1) as fetcher, tqdm(
             total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None) as bar:
         pending: collections.deque = collections.deque()
@@ -201,6 +202,22 @@ def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task,
         finally:
             for future, _ in pending:
                 future.cancel()
+
+
+@contextlib.contextmanager
+def _closed(connection):
+    """Close a DuckDB connection after the block. When the block raised (Ctrl-C), the pass-1 reader thread may
+    still be fetching on it: its query is interrupted, and closing it must not bury the error under another."""
+    import duckdb
+
+    try:
+        yield connection
+    except BaseException:
+        connection.interrupt()
+        with contextlib.suppress(duckdb.Error):
+            connection.close()
+        raise
+    connection.close()
 
 
 def _collect_next(pending: collections.deque, filters: QualityFilters, task: Task, multi_class: str, collected: _Collected) -> None:

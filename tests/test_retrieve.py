@@ -242,6 +242,33 @@ def test_manifest_reads_in_duckdb_and_export_formats(tmp_path, write_task, write
     assert pd.read_csv(tmp_path / "csv" / "manifest.csv")["class_name"].tolist() == ["737", "A320"]
 
 
+def test_ctrl_c_closes_a_connection_the_reader_thread_still_uses_quietly():
+    """Ctrl-C can land while pass 1's reader thread is inside a DuckDB call: closing the connection then
+    raised 'connection is busy' over the KeyboardInterrupt (a traceback instead of 'Aborted!')."""
+    import contextlib
+    import threading
+    import time
+
+    from curate.retrieve import _closed
+
+    con = duckdb.connect()
+    started = threading.Event()
+
+    def busy():
+        started.set()
+        with contextlib.suppress(duckdb.Error):
+            con.execute("SELECT count(*) FROM range(10000000000) t(x) WHERE x % 7 = 3").fetchall()
+
+    reader = threading.Thread(target=busy, daemon=True)
+    reader.start()
+    started.wait()
+    time.sleep(0.3)
+    with pytest.raises(KeyboardInterrupt), _closed(con):
+        raise KeyboardInterrupt
+    reader.join(timeout=20)
+    assert not reader.is_alive()  # its query was interrupted
+
+
 # ---------------------------------------------------------------- bad input, through the CLI
 def test_missing_caption_column(tmp_path, write_task, runner):
     path = tmp_path / "m.parquet"
