@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 
 import click
 
@@ -29,6 +30,17 @@ class Group(ReportsErrors, click.Group):
 
 class Command(ReportsErrors, click.Command):
     pass
+
+
+def command_line(command: str, options: dict) -> str:
+    """The command line that passes `options` (keyword arguments named as the options are; a list repeats its
+    option): what a demo prints must be what it runs."""
+    flags = []
+    for name, value in options.items():
+        for one in value if isinstance(value, list) else [value]:
+            if one is not None and one is not False:
+                flags.append(f"--{name.replace('_', '-')}" + ("" if one is True else f" {shlex.quote(str(one))}"))
+    return " ".join([command, *flags])
 
 
 def configure_logging(verbose: bool = False) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from curate.console import command_line
 from curate.errors import CurateError
 from curate.localserver import serve_directory
 from curate.sample_metadata import write_laion_sample
@@ -67,8 +68,8 @@ def _retrieve(out: Path, task: Task, rows: int, url_prefix: str, echo) -> Path:
 
 def _draw_served_images(manifest: Path, url_prefix: str, folder: Path, task: Task, echo) -> None:
     """Write the image behind each retrieved URL: its class's shape, off-domain noise, or nothing."""
-    from train.synthetic_world import draw_shape
     from manifests import read_manifest
+    from train.synthetic_world import draw_shape
 
     table = read_manifest(manifest)
     rng = np.random.default_rng(0)
@@ -96,9 +97,11 @@ def _noise_image(rng: np.random.Generator):
 def _download(out: Path, manifest: Path, echo) -> Path:
     from curate.download import download
 
-    echo(f"[4/6] curate download --manifest {manifest} --out {out / 'downloaded'} --image-size {IMAGE_SIZE}")
-    result = download(manifest, out / "downloaded", processes=1, threads=8, image_size=IMAGE_SIZE,
-                      number_sample_per_shard=200, timeout=5)
+    options = {"manifest": manifest, "out": out / "downloaded", "processes": 1, "threads": 8, "image_size": IMAGE_SIZE,
+               "samples_per_shard": 200, "timeout": 5}
+    echo("[4/6] " + command_line("curate download", options))
+    options["number_sample_per_shard"] = options.pop("samples_per_shard")  # img2dataset's name in Python
+    result = download(**options)
     echo(result.summary())
     return out / "downloaded" / "manifest.parquet"
 
@@ -116,10 +119,10 @@ def _filter(out: Path, manifest: Path, eval_dir: Path, echo) -> Path:
 
     # tiny-clip has random weights: its scores carry no meaning, so the demo keeps the top 80 % per class
     # instead of the protocol's absolute threshold (0.2 with ViT-B-16), and only flags exact duplicates.
-    echo(f"[5/6] curate filter --task demo --manifest {manifest} --clip-model tiny-clip --percentile 80 "
-         f"--decontaminate {eval_dir / 'test'} --out {out / 'filtered'}")
-    result = filter_images(DEMO_TASK, manifest, out / "filtered", clip_model="tiny-clip", percentile=80,
-                           decontaminate=eval_dir / "test", cosine_threshold=0.9999, workers=0, device="cpu")
+    options = {"task": DEMO_TASK, "manifest": manifest, "out": out / "filtered", "clip_model": "tiny-clip", "percentile": 80,
+               "decontaminate": eval_dir / "test", "cosine_threshold": 0.9999, "workers": 0, "device": "cpu"}
+    echo("[5/6] " + command_line("curate filter", options))
+    result = filter_images(**options)
     echo(result.summary())
     return out / "filtered" / "manifest.parquet"
 

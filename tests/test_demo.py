@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from curate.cli import cli
 from manifests import read_manifest
@@ -20,6 +21,28 @@ def test_demo_end_to_end(tmp_path, runner, monkeypatch):
     report = json.loads((out / "finetune" / "report.json").read_text())
     assert report["n_train_images"] == filtered.num_rows
     assert "demo finished" in result.output
+    _printed_commands_do_what_the_demo_did(result.output, out, tmp_path / "again", runner)
+
+
+def _printed_commands_do_what_the_demo_did(output: str, out, again, runner):
+    """The demo doubles as a walk-through: the filter and finetune lines it prints give its own results."""
+    from train.cli import cli as train_cli
+
+    printed = output.splitlines()
+    filter_line = next(line for line in printed if line.startswith("[5/6] curate filter "))
+    finetune_line = next(line for line in printed if line.startswith("finetune-and-probe "))
+    filter_args = shlex.split(filter_line.removeprefix("[5/6] curate "))
+    filter_args[filter_args.index("--out") + 1] = str(again / "filtered")
+    assert runner.invoke(cli, filter_args).exit_code == 0
+    kept = [read_manifest(folder / "filtered").select(["uid", "clip_score"]) for folder in (out, again)]  # paths differ
+    assert kept[0].num_rows and kept[0].equals(kept[1])
+    finetune_args = shlex.split(finetune_line)[1:]
+    finetune_args[finetune_args.index("--out") + 1] = str(again / "finetune")
+    assert runner.invoke(train_cli, finetune_args).exit_code == 0
+    mine, theirs = ({split: {k: v for k, v in values.items() if not k.endswith("seconds")}
+                     for split, values in json.loads((folder / "finetune" / "report.json").read_text())["metrics"].items()}
+                    for folder in (out, again))
+    assert mine["best"]["zero_shot_top1"] > 0.2 and mine == theirs
 
 
 def test_demo_refuses_a_non_empty_folder(tmp_path, runner):

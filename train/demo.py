@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from curate.console import command_line
 from train.finetune import FinetuneResult, finetune_and_probe
 from train.synthetic_world import write_eval_folder
 
@@ -36,11 +37,9 @@ def demo_finetune(
     task = load_task(eval_task)
     if eval_data is None:
         eval_data = demo_eval_folder(out, task.class_names, per_class=eval_per_class)
-    echo(f"finetune-and-probe --train {' '.join(map(str, manifests))} --eval-task {eval_task} --eval-data {eval_data} "
-         f"--model tiny-clip --epochs {epochs} --out {out / 'finetune'}")
-    result = finetune_and_probe(
-        train=[str(m) for m in manifests], eval_task=eval_task, eval_data=str(eval_data), out=str(out / "finetune"),
-        model="tiny-clip", epochs=epochs, lr=1e-3, batch_size=32, warmup=0, workers=0, device="cpu", overwrite=overwrite,
-    )
+    options = {"train": [str(m) for m in manifests], "eval_task": eval_task, "eval_data": str(eval_data), "out": str(out / "finetune"), "model": "tiny-clip",
+               "epochs": epochs, "lr": 1e-3, "batch_size": 32, "warmup": 0, "workers": 0, "device": "cpu", "overwrite": overwrite}
+    echo(command_line("finetune-and-probe", options))
+    result = finetune_and_probe(**options)
     echo(result.summary())
     return result
