@@ -56,7 +56,9 @@ BATCH_ROWS = 1 << 20  # captions per Arrow batch of pass 1
 PASS2_ROWS = 1 << 20  # pass 2 runs once per this many rows (whole row groups) of a file
 STREAM_BUFFER_MB = 128
 MAX_PENDING = 2  # pass-2 runs queued at most; beyond, pass 1 waits
-FUNNEL_KEYS = ("rows_scanned", "skipped_empty", "candidates", "matched", "ambiguous", "ambiguous_extra_rows",
+# skipped_empty: rows whose caption is NULL or empty; no_url: matched rows without a URL (so kept = matched -
+# ambiguous (when dropped) + ambiguous_extra_rows (when duplicated) - no_url - filtered_quality - duplicates - capped)
+FUNNEL_KEYS = ("rows_scanned", "skipped_empty", "candidates", "matched", "ambiguous", "ambiguous_extra_rows", "no_url",
                "filtered_quality", "duplicates", "capped", "kept")
 
 
@@ -297,7 +299,7 @@ def _collect(details: pa.Table, hits: list[list[ClassHit]], filters: QualityFilt
             if multi_class == "drop":
                 continue
         if not url:
-            funnel["skipped_empty"] += 1
+            funnel["no_url"] += 1
             continue
         if not ok:
             funnel["filtered_quality"] += 1

@@ -61,10 +61,13 @@ def test_retrieve_basic_funnel_and_columns(tmp_path, write_task, write_laion, ru
     assert list(rows.columns[:7]) == ["uid", "label", "class_name", "source", "caption", "url", "matched_text"]
     assert {"width", "height", "laion_similarity"} <= set(rows.columns)
     report = json.loads((out / "report.json").read_text())
-    assert report["funnel"] == {
-        "rows_scanned": 10, "skipped_empty": 3, "filtered_quality": 0, "candidates": 7, "matched": 6,
-        "ambiguous": 1, "ambiguous_extra_rows": 0, "duplicates": 1, "capped": 0, "kept": 3,
+    funnel = report["funnel"]
+    assert funnel == {
+        "rows_scanned": 10, "skipped_empty": 2, "filtered_quality": 0, "candidates": 7, "matched": 6,
+        "ambiguous": 1, "ambiguous_extra_rows": 0, "no_url": 1, "duplicates": 1, "capped": 0, "kept": 3,
     }
+    dropped = funnel["ambiguous"] + funnel["no_url"] + funnel["filtered_quality"] + funnel["duplicates"] + funnel["capped"]
+    assert funnel["kept"] == funnel["matched"] - dropped  # the funnel adds up
     assert report["per_class"] == {"737": 0, "737-800": 1, "A320": 1, "rose": 1}
     assert report["task"] == "planes" and report["command"] and "duckdb" in report["versions"]
     assert "kept" in result.output and "rows_scanned" in result.output
@@ -96,7 +99,7 @@ def test_a_file_whose_captions_are_all_null(tmp_path, write_task, write_laion):
     meta = write_laion([("u1", "a 737"), ("u2", "")], name="b.parquet")
     result = retrieve(task=write_task(TASK), metadata=[str(meta.parent)], out=tmp_path / "o")
     assert manifest_rows(tmp_path / "o")["url"].tolist() == ["u1"]
-    assert result.funnel["rows_scanned"] == 4 and result.funnel["skipped_empty"] == 3
+    assert result.funnel["rows_scanned"] == 4 and result.funnel["skipped_empty"] == 3 and result.funnel["no_url"] == 0
 
 
 def test_files_sorted_by_path_then_row_order_and_first_url_wins(tmp_path, write_task, write_laion):
