@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from click.core import ParameterSource
 
 from curate.choices import (
     DATA_FOLDERS,
@@ -15,6 +16,7 @@ from curate.choices import (
     RESIZE_MODES,
 )
 from curate.console import CONTEXT, Group, configure_logging
+from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
 
 
@@ -186,8 +188,19 @@ def filter_command(**options) -> None:
     """
     from curate.filter import filter_images
 
+    _refuse_unused_options(options)
     result = filter_images(**options)
     click.echo(result.summary())
+
+
+def _refuse_unused_options(options: dict) -> None:
+    """An option the run would ignore is an error, not a silent no-op."""
+    given = {name for name in options if click.get_current_context().get_parameter_source(name) is not ParameterSource.DEFAULT}
+    if options["percentile"] is not None and "threshold" in given:
+        raise CurateError("give --threshold or --percentile, not both (--percentile keeps the top P% whatever the scores)")
+    unused = sorted(given & {"phash_distance", "cosine_threshold"}) if options["decontaminate"] is None else []
+    if unused:
+        raise CurateError(f"--{unused[0].replace('_', '-')} sets how --decontaminate works: give --decontaminate too")
 
 
 # ---------------------------------------------------------------- finetune-and-probe

@@ -331,6 +331,19 @@ def test_cli_rejects_out_of_range_options(shapes, tmp_path, runner, option, valu
     assert_cli_error(result, message, out)
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    (["--threshold", "0.1", "--percentile", "50"], "give --threshold or --percentile, not both"),
+    (["--phash-distance", "60"], "--phash-distance sets how --decontaminate works: give --decontaminate too"),
+    (["--cosine-threshold", "0.5"], "--cosine-threshold sets how --decontaminate works: give --decontaminate too"),
+])
+def test_cli_refuses_options_the_run_would_ignore(shapes, tmp_path, runner, options, message):
+    task, manifest = shapes
+    out = tmp_path / "out"
+    result = runner.invoke(cli, ["filter", "--task", str(task), "--manifest", str(manifest), "--out", str(out),
+                                 "--clip-model", "tiny-clip", *options])
+    assert_cli_error(result, message, out)
+
+
 def test_cli_rejects_a_manifest_missing_columns(shapes, tmp_path, runner):
     task, _ = shapes
     bad = tmp_path / "bad.parquet"
