@@ -203,6 +203,17 @@ def test_overwrite_never_deletes_the_runs_inputs(world, tmp_path, runner):
     assert read_manifest(train).num_rows == len(rows)
 
 
+def test_loader_processes_do_not_change_the_run(world, tmp_path):
+    """Random augmentations follow each sample's seed, not the process that loads it."""
+    runs = [finetune_and_probe(train=[str(world.manifest)], eval_task=str(world.task_file), eval_data=str(world.eval_dir),
+                               out=str(tmp_path / f"w{workers}"), **{**RUN, "epochs": 1, "workers": workers})
+            for workers in (0, 2)]
+    losses = [[json.loads(line).get("train_loss") for line in (r.out / "epochs.jsonl").read_text().splitlines()] for r in runs]
+    assert losses[0] == losses[1] and losses[0][-1] is not None
+    timeless = [{k: v for k, v in r.metrics.items() if not k.endswith("seconds")} for r in runs]
+    assert timeless[0] == timeless[1]
+
+
 def test_mixloss_and_frozen_layers_run(world, tmp_path, monkeypatch):
     from train.loop import Trainer
 

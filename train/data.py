@@ -55,6 +55,25 @@ class TrainSource:
         return self.table.num_rows
 
 
+class SeededSamples:
+    """A dataset asked for (index, seed) pairs: a sample's random augmentation follows its seed alone, so which
+    loader process draws it (--workers) does not change the run. The caller's random state is left as it was."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        import torch
+
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 class ManifestDataset:
     """(image tensor, label, source index) for the rows of one TrainSource."""
 
@@ -259,7 +278,10 @@ class BatchPlan:
         return math.ceil(sum(self.sizes) / self.batch_size)
 
     def __iter__(self):
-        return iter(self.batches(self.epoch))
+        """Batches of (index, augmentation seed): see SeededSamples."""
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        for batch in self.batches(self.epoch):
+            yield list(zip(batch, rng.integers(0, 2**63, size=len(batch)).tolist(), strict=True))
 
     def batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])

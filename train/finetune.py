@@ -408,13 +408,13 @@ def _train(run: _Run, history: list[dict[str, Any]]) -> None:
 def _train_loader(run: _Run):
     import torch
 
-    from train.data import BatchPlan, ManifestDataset
+    from train.data import BatchPlan, ManifestDataset, SeededSamples
 
     datasets = [ManifestDataset(src, run.bundle.preprocess_train, i) for i, src in enumerate(run.sources)]
     plan = BatchPlan([len(d) for d in datasets], run.settings["batch_size"], run.weights, run.settings["mix_mode"], run.settings["seed"])
     workers = run.settings["workers"]
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.ConcatDataset(datasets), batch_sampler=plan, num_workers=workers,
+        SeededSamples(torch.utils.data.ConcatDataset(datasets)), batch_sampler=plan, num_workers=workers,
         pin_memory=run.device.startswith("cuda"), prefetch_factor=4 if workers else None,
     )
     return loader, plan
