@@ -69,9 +69,13 @@ class SeededSamples:
         import torch
 
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        generator = torch.default_generator  # torchvision's random transforms draw from it
+        state = generator.get_state()
+        generator.manual_seed(seed)  # not torch.manual_seed, which seeds every CUDA device too (100 µs a call)
+        try:
             return self.dataset[index]
+        finally:
+            generator.set_state(state)
 
 
 class ManifestDataset:
