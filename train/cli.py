@@ -56,7 +56,7 @@ def cli(compile_: bool | None, no_resume: bool, **options) -> None:
     \b
     Example (offline, builtin tiny model, a few epochs on CPU):
       finetune-and-probe --train demo-run/downloaded --eval-task demo --eval-data demo-run/eval \\
-        --model tiny-clip --epochs 3 --lr 1e-3 --batch-size 32 --warmup 0 --out demo-run/finetune
+        --model tiny-clip --epochs 3 --lr 1e-3 --batch-size 32 --warmup 0 --out demo-run/my-finetune
     """
     from train.finetune import finetune_and_probe
 
