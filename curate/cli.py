@@ -195,7 +195,8 @@ def filter_command(**options) -> None:
 
 def _refuse_unused_options(options: dict) -> None:
     """An option the run would ignore is an error, not a silent no-op."""
-    given = {name for name in options if click.get_current_context().get_parameter_source(name) is not ParameterSource.DEFAULT}
+    ctx = click.get_current_context()
+    given = {name for name in options if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     if options["percentile"] is not None and "threshold" in given:
         raise CurateError("give --threshold or --percentile, not both (--percentile keeps the top P% whatever the scores)")
     unused = sorted(given & {"phash_distance", "cosine_threshold"}) if options["decontaminate"] is None else []

@@ -60,8 +60,9 @@ def _retrieve(out: Path, task: Task, rows: int, url_prefix: str, echo) -> Path:
 
     echo(f"[1/6] writing {rows:,} rows of LAION-schema sample metadata to {out / 'metadata'}")
     write_laion_sample(out / "metadata", rows, task.class_names, plant_rate=0.02, files=2, seed=0, url_prefix=url_prefix)
-    echo(f"[2/6] curate retrieve --task demo --metadata {out / 'metadata'} --out {out / 'retrieved'}")
-    result = retrieve(task=task, metadata=[str(out / "metadata")], out=out / "retrieved")
+    options = {"task": DEMO_TASK, "metadata": [str(out / "metadata")], "out": out / "retrieved"}
+    echo("[2/6] " + command_line("curate retrieve", options))
+    result = retrieve(**options)
     echo(result.summary())
     return out / "retrieved" / "manifest.parquet"
 

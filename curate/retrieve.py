@@ -185,8 +185,9 @@ def _scan(sources, matcher: CaptionMatcher, filters: QualityFilters, task: Task,
     import duckdb
 
     threads = threads or os.cpu_count() or 1
-    with _closed(duckdb.connect(config={"threads": threads})) as con, _closed(con.cursor()) as details_con, \
-            concurrent.futures.ThreadPoolExecutor(1) as fetcher, tqdm(
+    # the pass-2 cursor closes before the executor waits for its thread: on Ctrl-C its query is interrupted first
+    with _closed(duckdb.connect(config={"threads": threads})) as con, concurrent.futures.ThreadPoolExecutor(1) as fetcher, \
+            _closed(con.cursor()) as details_con, tqdm(
             total=sum(s.num_rows for s in sources), unit="row", unit_scale=True, desc="retrieve", disable=None) as bar:
         pending: collections.deque = collections.deque()
         try:
@@ -215,8 +216,8 @@ def _closed(connection):
     try:
         yield connection
     except BaseException:
-        connection.interrupt()
         with contextlib.suppress(duckdb.Error):
+            connection.interrupt()
             connection.close()
         raise
     connection.close()

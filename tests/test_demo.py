@@ -25,10 +25,14 @@ def test_demo_end_to_end(tmp_path, runner, monkeypatch):
 
 
 def _printed_commands_do_what_the_demo_did(output: str, out, again, runner):
-    """The demo doubles as a walk-through: the filter and finetune lines it prints give its own results."""
+    """The demo doubles as a walk-through: the retrieve, filter and finetune lines it prints give its own results."""
     from train.cli import cli as train_cli
 
     printed = output.splitlines()
+    retrieve_args = shlex.split(next(line for line in printed if line.startswith("[2/6] curate retrieve ")).removeprefix("[2/6] curate "))
+    retrieve_args[retrieve_args.index("--out") + 1] = str(again / "retrieved")
+    assert runner.invoke(cli, retrieve_args).exit_code == 0
+    assert (again / "retrieved" / "manifest.parquet").read_bytes() == (out / "retrieved" / "manifest.parquet").read_bytes()
     filter_line = next(line for line in printed if line.startswith("[5/6] curate filter "))
     finetune_line = next(line for line in printed if line.startswith("finetune-and-probe "))
     filter_args = shlex.split(filter_line.removeprefix("[5/6] curate "))
