@@ -47,7 +47,7 @@ def class_names(count: int) -> list[str]:
 
 
 def make_data(data_dir: Path, rows: int, names: list[str], files: int) -> tuple[str, Path]:
-    folder = data_dir / f"laion-{rows}"
+    folder = data_dir / (f"laion-{rows}" if (files, len(names)) == (4, 200) else f"laion-{rows}-{files}files-{len(names)}classes")
     if not (folder / "done").exists():
         shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT / "bench-data")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = parser.parse_args()
+    if args.baseline_repeats > args.repeats:
+        parser.error("--baseline-repeats runs inside the --repeats loop: it can be at most --repeats")
 
     names = class_names(args.classes)
     glob, task = make_data(args.data_dir, args.rows, names, args.files)

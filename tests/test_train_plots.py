@@ -38,6 +38,13 @@ def test_scale_points_reads_a_report_file_under_any_name(tmp_path):
     assert scale_points([report])["series"] == {"synthetic": [(1000, 0.4)]}
 
 
+def test_scale_points_names_a_report_of_another_stage(tmp_path):
+    (tmp_path / "retrieved").mkdir()
+    (tmp_path / "retrieved" / "report.json").write_text(json.dumps({"stage": "retrieve", "funnel": {"kept": 3}}))
+    with pytest.raises(CurateError, match="retrieved/report.json is not a finetune-and-probe report"):
+        scale_points([tmp_path / "retrieved"])
+
+
 def test_plot_scale_script(tmp_path):
     runs = [_run(tmp_path / "a", 100, "retrieved", 0.5), _run(tmp_path / "b", 400, "synthetic", 0.45)]
     out = tmp_path / "scale.png"

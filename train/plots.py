@@ -60,6 +60,8 @@ def scale_points(run_dirs: list[str | Path], metric: str = "linear_probe_top1") 
         if not path.exists():
             raise CurateError(f"no report.json in {run}")
         report = read_report(path)
+        if "best" not in report.get("metrics", {}):
+            raise CurateError(f"{path} is not a finetune-and-probe report (it has no metrics.best)")
         best, epoch0 = report["metrics"]["best"], report["metrics"]["epoch0"]
         if metric not in best:
             raise CurateError(f"{path} has no metric '{metric}' (have: {', '.join(sorted(best))})")
