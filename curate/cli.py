@@ -20,7 +20,7 @@ from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
 
 
-@click.group(cls=Group, context_settings=CONTEXT)
+@click.group("curate", cls=Group, context_settings=CONTEXT)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.version_option(package_name="curate")
 def cli(verbose: bool) -> None:

@@ -14,13 +14,14 @@ OUR_PACKAGES = ("curate", "manifests", "train")
 
 
 class ReportsErrors:
-    """Mixin for click commands and groups: a CurateError becomes one stderr line and exit code 2."""
+    """Mixin for click commands and groups: a CurateError becomes one stderr line, named after the program run
+    (curate, or the standalone finetune-and-probe), and exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except CurateError as exc:
-            click.echo(f"curate: error: {exc}", err=True)
+            click.echo(f"{ctx.find_root().command.name}: error: {exc}", err=True)
             ctx.exit(2)
 
 

@@ -146,6 +146,9 @@ def test_eval_only_through_the_standalone_command(world, tmp_path):
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["best_epoch"] == 0 and report["metrics"]["best"] == report["metrics"]["epoch0"]
     assert report["n_train_images"] == 0 and not (out / "checkpoints").exists()
+    refused = CliRunner().invoke(standalone_cli, ["--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir),
+                                                  "--out", str(out), "--model", "tiny-clip", "--eval-only"])
+    assert refused.exit_code == 2 and refused.stderr.startswith(f"finetune-and-probe: error: output directory {out} already exists")
 
 
 def _bad(runner, world, out, message, *extra, train=None):
