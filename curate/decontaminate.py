@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 4096
 MAX_LISTED_PAIRS = 1000
+COSINE_SLACK = 1e-6  # float32 rounding: an exact copy scores 0.9999999, and counts at --cosine-threshold 1
 PAIR_SCHEMA = pa.schema([
     ("uid", pa.string()),
     ("class_name", pa.string()),
@@ -199,16 +200,20 @@ class _Metric:
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         if self.method == "phash":
             return np.ascontiguousarray(vectors, dtype=np.uint8)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        # normalised again in float32: stored as float16, a vector's cosine with itself is 0.9994..1.0006, and
+        # exact copies fell either side of --cosine-threshold 0.9999
+        vectors = np.array(vectors, dtype=np.float32)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
 
     def is_duplicate(self, values: np.ndarray, ids: np.ndarray) -> np.ndarray:
         if self.method == "phash":
             return (ids >= 0) & (values <= self.limit)
-        return (ids >= 0) & (values >= self.limit)
+        return (ids >= 0) & (values >= self.limit - COSINE_SLACK)
 
     def radius(self) -> float:
         """faiss range_search radius: binary returns d < r, inner product returns s > r."""
-        return int(self.limit) + 1 if self.method == "phash" else float(self.limit) - 1e-6
+        return int(self.limit) + 1 if self.method == "phash" else float(self.limit) - COSINE_SLACK
 
 
 class _FlatIP:

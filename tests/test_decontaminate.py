@@ -194,9 +194,9 @@ def _brute_force_greedy(hashes: np.ndarray, radius: int) -> set[int]:
     return dropped
 
 
-def _finder(n: int, radius: int) -> _Finder:
+def _finder(n: int, radius: int, cosine: float = 0.99) -> _Finder:
     table = pa.table({"uid": [f"u{i}" for i in range(n)], "class_name": ["c"] * n})
-    return _Finder(table, np.ones(n, dtype=bool), [], radius, 0.99)
+    return _Finder(table, np.ones(n, dtype=bool), [], radius, cosine)
 
 
 def test_phash_radius_is_inclusive_and_exact():
@@ -225,6 +225,18 @@ def test_multi_index_hashing_matches_brute_force_across_blocks(monkeypatch):
     finder = _finder(len(hashes), 4)
     finder.inside_train("phash", hashes)
     assert set(np.flatnonzero(~finder.alive)) == _brute_force_greedy(hashes, 4)
+
+
+@pytest.mark.parametrize("threshold", [0.9999, 1.0])
+def test_exact_copies_of_float16_embeddings_are_duplicates_at_any_threshold(threshold):
+    """Stored as float16 (as filter stores them), a vector's cosine with itself was 0.9994..1.0006: exact copies
+    fell either side of a strict threshold."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((200, 32))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    finder = _finder(400, 4, cosine=threshold)
+    finder.inside_train("clip", np.concatenate([vectors, vectors]))
+    assert set(np.flatnonzero(~finder.alive)) == set(range(200, 400))
 
 
 @pytest.mark.parametrize(("setup", "message"), [
