@@ -191,6 +191,16 @@ def test_train_manifest_errors(tmp_path):
         load_train_sources([outside], list(CLASSES), fraction=0)
 
 
+def test_the_same_manifest_twice_is_refused_and_shared_rows_are_named(tmp_path, caplog):
+    rows = [_row(i, CLASSES[i % 2]) for i in range(10)]
+    path = write_rows(tmp_path / "m", rows)
+    with pytest.raises(CurateError, match=f"--train {tmp_path}/m/../m/manifest.parquet and --train {tmp_path}/m are the same manifest"):
+        load_train_sources([tmp_path / "m", tmp_path / "m" / ".." / "m" / "manifest.parquet"], list(CLASSES))
+    subset = write_rows(tmp_path / "sub", rows[:4])  # a filtered set beside the set it came from
+    load_train_sources([path, subset], list(CLASSES))
+    assert f"train manifest {subset} shares 4 uid(s) with the manifests before it" in caplog.text
+
+
 def test_train_sources_keep_fraction_and_provenance(tmp_path):
     rows = [_row(i, CLASSES[i % 2]) for i in range(40)]
     path = write_rows(tmp_path / "m", rows)

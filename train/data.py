@@ -32,6 +32,7 @@ from manifests.images import (
     open_image,
     safe_name,
 )
+from manifests.io import MANIFEST_NAME
 from manifests.uid import seeded_subset_per_class
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,26 @@ def load_train_sources(paths: list[str | Path], class_names: list[str], fraction
         raise CurateError("no train manifest given (use --train MANIFEST, or --eval-only)")
     if not 0 < fraction <= 1:
         raise CurateError(f"--train-fraction must be in (0, 1], got {fraction}")
-    return [_load_source(Path(p), class_names, fraction, seed) for p in paths]
+    files = [manifest_dir(p) / MANIFEST_NAME if Path(p).is_dir() else Path(p) for p in paths]
+    for i, path in enumerate(files):
+        twin = next((paths[j] for j in range(i) if files[j].resolve() == path.resolve()), None)
+        if twin is not None:
+            raise CurateError(f"--train {paths[i]} and --train {twin} are the same manifest: give it once")
+    sources = [_load_source(Path(p), class_names, fraction, seed) for p in paths]
+    _warn_shared_rows(sources)
+    return sources
+
+
+def _warn_shared_rows(sources: list[TrainSource]) -> None:
+    """Two manifests holding the same uids train on those images twice (a filtered set beside the set it came from)."""
+    seen: set[str] = set()
+    for source in sources:
+        uids = set(source.table.column("uid").to_pylist())
+        shared = len(uids & seen)
+        if shared:
+            log.warning("train manifest %s shares %d uid(s) with the manifests before it: those images are trained on "
+                        "more than once an epoch", source.path, shared)
+        seen |= uids
 
 
 def _load_source(path: Path, class_names: list[str], fraction: float, seed: int) -> TrainSource:
