@@ -22,11 +22,13 @@ import pyarrow.parquet as pq
 from curate.errors import CurateError
 from manifests.images import iter_images, safe_name
 from manifests.io import (
+    MANIFEST_NAME,
     UMASK,
     manifest_dir,
     manifest_inputs,
     read_manifest,
     staged_output_dir,
+    write_manifest,
     write_report,
 )
 from manifests.schema import IMAGE_LOCATION_COLUMNS
@@ -109,6 +111,7 @@ def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[st
 
     pattern = str(out).replace("%", "%%") + "/shard-%06d.tar"
     keys: set[str] = set()
+    located: dict[str, list] = {"shard": [], "key": []}
     # a fixed member time: the same manifest exports to the same bytes (tar members carry the time otherwise)
     with wds.ShardWriter(pattern, maxcount=SAMPLES_PER_TAR, verbose=0, mtime=0) as sink:
         for row, data, ext in iter_images(table, manifest_dir):
@@ -116,7 +119,10 @@ def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[st
             meta = {k: v for k, v in row.items() if k not in ("label", "caption", *IMAGE_LOCATION_COLUMNS)}
             sample = {"__key__": key, ext: data, "cls": row["label"], "txt": row["caption"] or ""}
             sink.write({**sample, "json": _json_text(meta).encode("utf-8")})
-    return sorted(path.name for path in out.glob("shard-*.tar"))
+            located["shard"].append(Path(sink.fname).name)
+            located["key"].append(key)
+    _write_relocated(table, out, located)
+    return [*sorted(path.name for path in out.glob("shard-*.tar")), MANIFEST_NAME]
 
 
 def export_imagefolder(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
@@ -130,11 +136,21 @@ def export_imagefolder(table: pa.Table, manifest_dir: Path, out: Path) -> list[s
     for folder in folders.values():
         (out / folder).mkdir()
     written: set[str] = set()
+    paths = []
     for row, data, ext in iter_images(table, manifest_dir):
         folder = folders[(row["label"], row["class_name"])]
-        name = _unique(f"{folder}/{safe_name(str(row['uid']))}.{ext}", written, row)
-        (out / name).write_bytes(data)
-    return [CLASSES_FILE, *sorted(f"{folder}/" for folder in folders.values())]
+        paths.append(_unique(f"{folder}/{safe_name(str(row['uid']))}.{ext}", written, row))
+        (out / paths[-1]).write_bytes(data)
+    _write_relocated(table, out, {"image_path": paths})
+    return [CLASSES_FILE, *sorted(f"{folder}/" for folder in folders.values()), MANIFEST_NAME]
+
+
+def _write_relocated(table: pa.Table, out: Path, located: dict[str, list]) -> None:
+    """OUT/manifest.parquet: the exported rows, their images found where the export put them, so the export is
+    a dataset the next stage reads (finetune-and-probe --train OUT)."""
+    kept = [name for name in table.column_names if name not in IMAGE_LOCATION_COLUMNS]
+    columns = {name: table.column(name) for name in kept} | {name: pa.array(values, pa.string()) for name, values in located.items()}
+    write_manifest(pa.table(columns), out / MANIFEST_NAME)
 
 
 def read_class_folders(folder: Path) -> dict[str, str] | None:

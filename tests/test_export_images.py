@@ -216,7 +216,8 @@ def test_webdataset_export_round_trip(tmp_path, layout):
         assert not {"label", "caption", "image_path", "shard", "key"} & set(meta)
     with tarfile.open(out / "shard-000000.tar") as tar:
         assert len(tar.getnames()) == 4 * len(rows)
-    assert read_report(out)["files"] == ["shard-000000.tar"]
+    assert read_report(out)["files"] == ["shard-000000.tar", "manifest.parquet"]
+    _assert_the_export_is_a_dataset(out, rows)
 
 
 def test_webdataset_export_is_the_same_bytes_at_another_time(tmp_path, monkeypatch):
@@ -247,6 +248,15 @@ def test_imagefolder_export_round_trip(tmp_path, layout):
         data, ext = _payload(i)
         assert (out / folders[row["label"]] / f"{row['uid']}.{ext}").read_bytes() == data
     assert sum(1 for p in out.rglob("*") if p.is_file() and p.parent != out) == 12
+    _assert_the_export_is_a_dataset(out, _rows())
+
+
+def _assert_the_export_is_a_dataset(out: Path, rows: list[dict]) -> None:
+    """OUT/manifest.parquet holds the rows in order, their images found where the export put them."""
+    exported = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [row["uid"] for row in exported] == [row["uid"] for row in rows]
+    for i, row in enumerate(exported):
+        assert read_image(row, out)[0] == _payload(i)[0] and row["clip_score"] == pytest.approx(rows[i]["clip_score"])
 
 
 def test_export_of_a_manifest_without_images_fails_cleanly(tmp_path):

@@ -151,7 +151,7 @@ def test_eval_folder_exported_with_classes_txt_keeps_labels_two_names_share_a_fo
     for split in ("train", "val", "test"):
         manifest = make_image_manifest(tmp_path / "src", per_class=[0, 2], classes=names, folder=split)
         export_manifest(manifest, "imagefolder", tmp_path / "ev" / split)
-    assert sorted(p.name for p in (tmp_path / "ev" / "val").iterdir()) == ["AC_DC", "classes.txt", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "ev" / "val").iterdir()) == ["AC_DC", "classes.txt", "manifest.parquet", "report.json"]
     samples = scan_eval_folder(tmp_path / "ev", list(names))
     assert {split: [label for _, label in rows] for split, rows in samples.items()} == {s: [1, 1] for s in ("train", "val", "test")}
     for split in ("train", "val", "test"):
