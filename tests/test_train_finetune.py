@@ -73,6 +73,9 @@ def test_report_files_and_keys(reference, world, tmp_path):
     assert report["best_epoch"] == reference.best_epoch and report["epochs_run"] == EPOCHS
     assert report["n_train_images"] == 120 and report["images_per_s"] > 0 and report["seconds"] > 0
     assert report["settings"]["lr"] == 1e-3 and report["settings"]["batch_size"] == 32
+    # what ran, not what was asked for: 32 images in one micro-batch on the CPU, no torch.compile there
+    assert (report["settings"]["accum_steps"], report["settings"]["compile"]) == (1, False)
+    assert (report["settings"]["device"], report["settings"]["precision"]) == ("cpu", "fp32")
     [train] = report["train"]
     assert train["rows"] == train["used"] == 120 and train["sources"] == {"retrieved": 120}
     assert train["per_class"] == {name: 24 for name in CLASSES}

@@ -468,6 +468,8 @@ def _finish(run: _Run, history: list[dict[str, Any]], epoch0: dict[str, float], 
 
 def _report(run: _Run, epoch0, metrics, best_epoch, epochs_run, seconds, images_per_s, n_train) -> dict[str, Any]:
     settings = {k: v for k, v in run.settings.items() if k not in ("overwrite", "resume")}
+    if run.trainer is not None:  # what ran, not "auto": micro-batches (doubled on out-of-memory) and compilation
+        settings["accum_steps"], settings["compile"] = run.trainer.accum, run.forward is not run.classifier
     return {
         "stage": "finetune-and-probe",
         "task": run.task.name,
