@@ -148,7 +148,8 @@ def filter_images(
         kept = cap_per_class(selection.keep, scored.scores, selection.labels, selection.tiebreak, per_class_cap)
         settings = dict(task=task_obj, model=(clip_model, pretrained), device=device, mode=mode, texts=texts,
                         threshold=threshold, percentile=percentile, per_class_cap=per_class_cap, seed=seed,
-                        embeddings=embeddings, decontaminate=decontaminate, started=started)
+                        embeddings=embeddings, decontaminate=decontaminate, batch_size=batch_size, workers=workers,
+                        started=started)
         rebased = rebase_images(table, manifest_dir, Path(out))  # image paths stay valid from OUT
         report = _write_outputs(stage, rebased, scored, selection, kept, decon, settings)
     log.info("filter: kept %d of %d rows -> %s", report["counts"]["kept"], report["counts"]["input"], out)
@@ -421,6 +422,8 @@ def _report(table, scored: _Scored, selection: _Selection, kept, decon, settings
         "task": task.name,
         "model": {"name": model, "pretrained": pretrained},
         "device": settings["device"],
+        "batch_size": settings["batch_size"],
+        "workers": settings["workers"],
         "mode": settings["mode"],
         "texts": settings["texts"],
         "rule": _rule_text(settings),

@@ -159,7 +159,8 @@ def retrieve(
         seconds = time.perf_counter() - started
         per_class = dict(zip(task.class_names, collected.per_class.tolist()))
         write_report(staging, _report(task, sources, filters, collected.funnel, per_class, seconds, locals_=dict(
-            match=match_mode, multi_class=multi_class, per_class_cap=per_class_cap, seed=seed, engine=matcher.engine)))
+            match=match_mode, multi_class=multi_class, per_class_cap=per_class_cap, seed=seed, engine=matcher.engine,
+            threads=threads or os.cpu_count() or 1)))
     return RetrieveResult(Path(out), collected.funnel, per_class, seconds, matcher.engine)
 
 

@@ -82,6 +82,7 @@ def test_threshold_minus_one_keeps_every_row_with_its_score(shapes, tiny, tmp_pa
     assert sum(report["histogram"]["counts"]) == 12 and len(report["histogram"]["edges"]) == 41
     assert report["per_class"]["green square"] == {"input": 4, "scored": 4, "kept": 4, "dropped": 0}
     assert report["model"] == {"name": "tiny-clip", "pretrained": None}
+    assert (report["batch_size"], report["workers"], report["device"]) == (TINY["batch_size"], TINY["workers"], "cpu")
     assert (tmp_path / "out" / "score_hist.png").stat().st_size > 1000
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import duckdb
@@ -70,6 +71,7 @@ def test_retrieve_basic_funnel_and_columns(tmp_path, write_task, write_laion, ru
     assert funnel["kept"] == funnel["matched"] - dropped  # the funnel adds up
     assert report["per_class"] == {"737": 0, "737-800": 1, "A320": 1, "rose": 1}
     assert report["task"] == "planes" and report["command"] and "duckdb" in report["versions"]
+    assert report["settings"]["threads"] == os.cpu_count() and report["settings"]["engine"] == "hyperscan"
     assert "kept" in result.output and "rows_scanned" in result.output
 
 
