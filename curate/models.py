@@ -72,6 +72,8 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu") -> ClipBun
     except Exception as exc:  # a file that is no checkpoint makes pickle raise KeyError, EOFError, IndexError...
         if not (tag and Path(tag).is_file()):
             raise
+        if isinstance(exc, AssertionError):  # open_clip's own shape checks (pos_embed width) on another architecture
+            raise CurateError(f"checkpoint {pretrained} does not fit model '{name}' (another architecture?)") from None
         raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': not a checkpoint open_clip reads "
                           f"({type(exc).__name__}: {first_line(exc)})") from None
     model.eval()
@@ -109,7 +111,7 @@ def encode_texts(bundle: ClipBundle, texts: list[str], device: str = "cpu"):
 def default_pretrained(name: str) -> str | None:
     """The pretrained tag used when none is given: DEFAULT_CLIP's for its architecture, none for builtin
     models and model folders, else open_clip's first listed tag for that architecture (None if it has none)."""
-    if name in builtin_model_names() or Path(name).is_dir():
+    if name in builtin_model_names() or _model_folder(name) is not None:
         return None
     if name == DEFAULT_CLIP[0]:
         return DEFAULT_CLIP[1]
@@ -155,11 +157,15 @@ def encode_images(bundle: ClipBundle, images, device: str = "cpu"):
 def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
     """Map (name, pretrained) to open_clip's (architecture, pretrained) arguments."""
     _register_builtin_configs()
-    if Path(name).is_dir():
-        if not (Path(name) / "open_clip_config.json").exists():
+    folder = _model_folder(name)
+    if folder is not None:
+        if not (folder / "open_clip_config.json").exists():
             raise CurateError(f"model folder {name} has no open_clip_config.json")
-        return f"local-dir:{Path(name).resolve()}", None
-    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        if pretrained:  # open_clip would load the folder's own weights and drop these without a word
+            raise CurateError(f"model folder {name} brings its own weights, so checkpoint '{pretrained}' would be ignored: "
+                              "give the checkpoint with the folder's architecture name instead")
+        return f"local-dir:{folder.resolve()}", None
+    if pretrained and (Path(pretrained).is_file() or "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         if not Path(pretrained).is_file():
             raise CurateError(f"checkpoint not found: {pretrained}")
         return name, str(pretrained)
@@ -168,6 +174,17 @@ def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
             raise CurateError(f"builtin model '{name}' takes a checkpoint path as pretrained, not the tag '{pretrained}'")
         return name, None
     return name, pretrained or None
+
+
+def _model_folder(name: str) -> Path | None:
+    """`name` as a model folder: a folder with an open_clip config, or any folder not named like an open_clip
+    architecture (a stray folder called ViT-B-16 in the working directory does not hide the architecture)."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return None
+    if (folder / "open_clip_config.json").exists() or name not in _open_clip().list_models():
+        return folder
+    return None
 
 
 def _register_builtin_configs() -> None:

@@ -139,3 +139,31 @@ def test_checkpoint_loads_back_through_the_registry(bundle, tmp_path):
             read_checkpoint(tmp_path / "junk.pt")  # not mmap's advice to re-save the file
         with pytest.raises(CurateError, match=f"with pretrained '.*junk.pt': not a checkpoint open_clip reads \\({error}"):
             load_clip("tiny-clip", str(tmp_path / "junk.pt"))
+
+
+def test_model_folders_and_checkpoints_resolve_to_the_model_asked_for(bundle, tmp_path, monkeypatch):
+    import json
+
+    from curate.models import CONFIG_DIR
+
+    fresh, classifier = _classifier(bundle)
+    checkpoint = save_checkpoint(tmp_path / "ck.pt", fresh, classifier, list(CLASSES), epoch=1)
+    folder = tmp_path / "tiny-folder"  # open_clip's local-dir layout: a config and the weights
+    folder.mkdir()
+    config = json.loads((CONFIG_DIR / "tiny-clip.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    torch.save(fresh.model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    loaded = load_clip(str(folder), None)
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in fresh.model.state_dict().items())
+    with pytest.raises(CurateError, match="model folder .*tiny-folder brings its own weights, so checkpoint .*ck.pt' would be ignored"):
+        load_clip(str(folder), str(checkpoint))  # open_clip dropped the checkpoint without a word
+    (tmp_path / "copy.ckpt").write_bytes(checkpoint.read_bytes())  # a checkpoint by any name is a checkpoint
+    renamed = load_clip("tiny-clip", str(tmp_path / "copy.ckpt"))
+    assert all(torch.equal(renamed.model.state_dict()[k], v) for k, v in fresh.model.state_dict().items())
+    with pytest.raises(CurateError, match="^checkpoint .*ck.pt does not fit model 'ViT-B-16'"):
+        load_clip("ViT-B-16", str(checkpoint))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ViT-B-16").mkdir()  # a stray folder named like an architecture, without a config
+    from curate.models import _resolve, default_pretrained
+
+    assert _resolve("ViT-B-16", "") == ("ViT-B-16", None) and default_pretrained("ViT-B-16") == "laion2b_s34b_b88k"
