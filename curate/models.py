@@ -12,9 +12,13 @@ The tiny model goes through the same open_clip code path as the real ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import pickle
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +66,17 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu") -> ClipBun
         import torch
 
         torch.manual_seed(BUILTIN_SEED)  # builtin random weights are the same on every run
+    offline = bool(tag) and not Path(tag).is_file() and not _hub_reachable()
     try:
-        model, train_tf, val_tf = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)
+        with _hub_offline(offline):
+            model, train_tf, val_tf = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:  # UnpicklingError: not a checkpoint at all
         # torch's Module.load_state_dict raises a plain RuntimeError on missing / unexpected / mis-shaped keys
         if tag and Path(tag).is_file() and "Error(s) in loading state_dict" in str(exc):
             raise CurateError(f"checkpoint {pretrained} does not fit model '{name}' (another architecture?)") from None
-        raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': {first_line(exc)}") from None
+        hint = (" (the Hugging Face hub cannot be reached and the weights are not in its local cache: give a checkpoint "
+                "path, or '' for random weights)") if offline else ""
+        raise CurateError(f"cannot load CLIP '{name}' with pretrained '{pretrained}': {first_line(exc)}{hint}") from None
     except Exception as exc:  # a file that is no checkpoint makes pickle raise KeyError, EOFError, IndexError...
         if not (tag and Path(tag).is_file()):
             raise
@@ -174,6 +182,38 @@ def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
             raise CurateError(f"builtin model '{name}' takes a checkpoint path as pretrained, not the tag '{pretrained}'")
         return name, None
     return name, pretrained or None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all: without a network its client retries every weight file for
+    about 25 s before failing. A proxy in the environment is trusted (a direct connection would not tell)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """The hub client in offline mode for the block (weights from its local cache only), when `offline`."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def _model_folder(name: str) -> Path | None:

@@ -167,3 +167,21 @@ def test_model_folders_and_checkpoints_resolve_to_the_model_asked_for(bundle, tm
     from curate.models import _resolve, default_pretrained
 
     assert _resolve("ViT-B-16", "") == ("ViT-B-16", None) and default_pretrained("ViT-B-16") == "laion2b_s34b_b88k"
+
+
+def test_a_hub_tag_without_a_network_fails_at_once_with_what_to_do(monkeypatch):
+    """Without a network the hub client retried each weight file for ~25 s (51 s for the default model)."""
+    import socket
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    started = time.perf_counter()
+    with pytest.raises(CurateError, match=r"^cannot load CLIP 'RN50' with pretrained 'openai': .*\(the Hugging Face hub "
+                                          r"cannot be reached .*: give a checkpoint path, or '' for random weights\)$"):
+        load_clip("RN50", "openai")
+    assert time.perf_counter() - started < 20
