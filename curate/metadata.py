@@ -31,7 +31,7 @@ CAPTION_COLUMNS = ("TEXT", "text", "caption", "CAPTION")
 CARRIED_COLUMNS: dict[str, tuple[str, ...]] = {
     "width": ("WIDTH", "original_width", "width"),
     "height": ("HEIGHT", "original_height", "height"),
-    "laion_similarity": ("similarity",),
+    "laion_similarity": ("similarity", "laion_similarity"),  # the latter: a manifest given as metadata again
     "punsafe": ("punsafe",),
     "pwatermark": ("pwatermark",),
     "hash": ("hash",),

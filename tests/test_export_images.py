@@ -153,6 +153,10 @@ def test_export_onto_its_own_manifest_is_refused(tmp_path):
     assert pq.read_table(manifest).num_rows == 12
 
 
+def _refuse(constant: str):
+    raise ValueError(f"not JSON: {constant}")
+
+
 def test_csv_and_jsonl_write_columns_they_have_no_type_for_as_text(tmp_path):
     """A manifest carries unknown columns through: lists and bytes become JSON text in CSV, dates ISO text."""
     import datetime
@@ -164,6 +168,7 @@ def test_csv_and_jsonl_write_columns_they_have_no_type_for_as_text(tmp_path):
         "uid": ["a", "b"], "label": pa.array([0, 0], pa.int32()), "class_name": ["rose"] * 2, "source": ["retrieved"] * 2,
         "caption": ["x", "y"], "tags": pa.array([["p", "q"], None]), "blob": pa.array([b"\x00\xff", b"hi"]),
         "taken": pa.array([datetime.datetime(2020, 1, 2, 3, 4), None]), "price": pa.array([decimal.Decimal("1.50"), None]),
+        "laion_similarity": pa.array([float("nan"), float("inf")]),  # LAION's float columns hold NaN
     })
     manifest = tmp_path / "m" / "manifest.parquet"
     manifest.parent.mkdir()
@@ -172,7 +177,8 @@ def test_csv_and_jsonl_write_columns_they_have_no_type_for_as_text(tmp_path):
         assert _export(manifest, fmt, tmp_path / fmt).exit_code == 0
     csv = pd.read_csv(tmp_path / "csv" / "manifest.csv", keep_default_na=False)
     assert csv["tags"].tolist() == ['["p", "q"]', ""] and csv["blob"].tolist() == ["AP8=", "aGk="]
-    rows = [json.loads(line) for line in (tmp_path / "jsonl" / "manifest.jsonl").read_text().splitlines()]
+    rows = [json.loads(line, parse_constant=_refuse) for line in (tmp_path / "jsonl" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["laion_similarity"] for r in rows] == [None, None]
     assert [(r["tags"], r["blob"], r["taken"], r["price"]) for r in rows] == [
         (["p", "q"], "AP8=", "2020-01-02T03:04:00", "1.50"), (None, "aGk=", None, None)]
 

@@ -75,6 +75,15 @@ def test_retrieve_basic_funnel_and_columns(tmp_path, write_task, write_laion, ru
     assert "kept" in result.output and "rows_scanned" in result.output
 
 
+def test_a_manifest_given_as_metadata_again_keeps_its_carried_columns(tmp_path, write_task, write_laion):
+    meta = write_laion([("u1", "a 737 jet"), ("u2", "an A320")], similarity=pa.array([0.31, 0.42]), WIDTH=pa.array([640, 320], pa.int32()))
+    retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "a")
+    retrieve(task=write_task(TASK), metadata=[str(tmp_path / "a" / "manifest.parquet")], out=tmp_path / "b")
+    first, again = manifest_rows(tmp_path / "a"), manifest_rows(tmp_path / "b")
+    assert again["laion_similarity"].tolist() == first["laion_similarity"].tolist() == pytest.approx([0.31, 0.42])
+    assert again["width"].tolist() == [640, 320] and again["uid"].tolist() == first["uid"].tolist()
+
+
 def test_multi_class_duplicate_emits_one_row_per_class(tmp_path, write_task, write_laion):
     meta = write_laion([("u1", "an A320 and a 737 at the gate"), ("u2", "a 737")])
     result = retrieve(task=write_task(TASK), metadata=[str(meta)], out=tmp_path / "o", multi_class="duplicate")
