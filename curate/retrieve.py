@@ -364,14 +364,14 @@ def _cap_per_class(scanned: Path, manifest: Path, columns: list[str], cap: int, 
     The scanned rows are read back a row group at a time, twice: first their uids, kept as 8-byte ranks
     (and labels), then whole row groups, filtered on their way to the manifest."""
     ranks, labels = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)]
-    for group in iter_manifest(scanned, columns=()):
+    for group in iter_manifest(scanned, columns=("uid", "label"), check=False):  # written, and checked, by this run
         ranks.append(seeded_ranks(group.column("uid").to_pylist(), seed))
         labels.append(group.column("label").to_numpy())
     ranks, labels = np.concatenate(ranks), np.concatenate(labels)
     keep = subset_per_class_by_rank(ranks, labels, lambda n: min(n, cap))
     with ManifestWriter(manifest, columns) as writer:
         start = 0
-        for group in iter_manifest(scanned):
+        for group in iter_manifest(scanned, check=False):  # the writer checks each piece
             writer.write(group.filter(pa.array(keep[start : start + group.num_rows])))
             start += group.num_rows
     scanned.unlink()

@@ -52,18 +52,20 @@ def read_manifest(path: str | os.PathLike, columns: Iterable[str] | None = None)
     return validate(table, where=f"manifest {path}")
 
 
-def iter_manifest(path: str | os.PathLike, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
+def iter_manifest(path: str | os.PathLike, columns: Iterable[str] | None = None, check: bool = True) -> Iterator[pa.Table]:
     """A manifest one row group at a time, each validated (for rows that need not all be in memory);
-    `columns` as in read_manifest."""
+    `columns` as in read_manifest. With check=False (a stage reading back a file it wrote itself), exactly
+    `columns` are read and nothing is validated again."""
     path = _manifest_file(path)
     try:
         file = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise CurateError(f"cannot read manifest {path}: {exc}") from None
     with file:
-        read = _columns_to_read(file, columns)
+        read = _columns_to_read(file, columns) if check else (None if columns is None else list(columns))
         for group in range(file.num_row_groups):
-            yield validate(file.read_row_group(group, columns=read), where=f"manifest {path}")
+            table = file.read_row_group(group, columns=read)
+            yield validate(table, where=f"manifest {path}") if check else table
 
 
 def _manifest_file(path: str | os.PathLike) -> Path:

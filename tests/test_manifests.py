@@ -109,6 +109,8 @@ def test_read_only_some_columns_whole_or_a_row_group_at_a_time(tmp_path):
     assert pa.concat_tables(groups).equals(read_manifest(tmp_path / "groups.parquet"))
     with pytest.raises(CurateError, match="missing required column"):
         next(iter_manifest(_parquet(table().drop_columns(["source"]), tmp_path / "bad.parquet")))
+    own = [g.column_names for g in iter_manifest(tmp_path / "groups.parquet", columns=("uid", "label"), check=False)]
+    assert own == [["uid", "label"]] * 3  # a stage's own file read back: just the columns asked for
 
 
 def _parquet(data: pa.Table, path):
