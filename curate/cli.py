@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import click
-from click.core import ParameterSource
 
 from curate.choices import (
     DATA_FOLDERS,
@@ -16,7 +15,6 @@ from curate.choices import (
     RESIZE_MODES,
 )
 from curate.console import CONTEXT, Group, configure_logging
-from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
 
 
@@ -161,15 +159,15 @@ def download(**options) -> None:
 @click.option("--clip-model", default=DEFAULT_CLIP[0], show_default=True, help="open_clip architecture, model folder or tiny-clip.")
 @click.option("--clip-pretrained", default=None,
               help=f"open_clip tag or checkpoint path (default: {DEFAULT_CLIP[1]} for {DEFAULT_CLIP[0]}, none for tiny-*).")
-@click.option("--threshold", type=float, default=0.2, show_default=True, help="Keep rows with score >= this, in [-1, 1].")
+@click.option("--threshold", type=float, default=None, show_default="0.2", help="Keep rows with score >= this, in [-1, 1].")
 @click.option("--percentile", type=float, default=None, help="Instead keep the top P% of each class (0 < P <= 100).")
 @click.option("--mode", type=click.Choice(FILTER_MODES), default="domain", show_default=True,
               help="Score against the task's domain texts (max) or the row's class text (templates averaged).")
 @click.option("--per-class-cap", type=int, default=None, help="Then keep at most N rows per class, best first.")
 @click.option("--decontaminate", "decontaminate", type=click.Path(), default=None,
               help="Eval image folder: drop near-duplicates of its images (phash, CLIP) and inside the kept set.")
-@click.option("--phash-distance", type=int, default=4, show_default=True, help="Decontamination: max phash Hamming distance.")
-@click.option("--cosine-threshold", type=float, default=0.95, show_default=True,
+@click.option("--phash-distance", type=int, default=None, show_default="4", help="Decontamination: max phash Hamming distance.")
+@click.option("--cosine-threshold", type=float, default=None, show_default="0.95",
               help="Decontamination: min CLIP cosine of a near-duplicate.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
@@ -188,20 +186,9 @@ def filter_command(**options) -> None:
     """
     from curate.filter import filter_images
 
-    _refuse_unused_options(options)
     result = filter_images(**options)
     click.echo(result.summary())
 
-
-def _refuse_unused_options(options: dict) -> None:
-    """An option the run would ignore is an error, not a silent no-op."""
-    ctx = click.get_current_context()
-    given = {name for name in options if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
-    if options["percentile"] is not None and "threshold" in given:
-        raise CurateError("give --threshold or --percentile, not both (--percentile keeps the top P% whatever the scores)")
-    unused = sorted(given & {"phash_distance", "cosine_threshold"}) if options["decontaminate"] is None else []
-    if unused:
-        raise CurateError(f"--{unused[0].replace('_', '-')} sets how --decontaminate works: give --decontaminate too")
 
 
 # ---------------------------------------------------------------- finetune-and-probe

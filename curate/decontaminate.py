@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 4096
 MAX_LISTED_PAIRS = 1000
+PHASH_DISTANCE, COSINE_THRESHOLD = 4, 0.95  # default near-duplicate radii
 COSINE_SLACK = 1e-6  # float32 rounding: an exact copy scores 0.9999999, and counts at --cosine-threshold 1
 PAIR_SCHEMA = pa.schema([
     ("uid", pa.string()),
@@ -76,8 +77,8 @@ def decontaminate(
     clip_pretrained: str | None = None,
     train_embeddings: np.ndarray | None = None,
     train_phash: np.ndarray | None = None,
-    phash_distance: int = 4,
-    cosine_threshold: float = 0.95,
+    phash_distance: int = PHASH_DISTANCE,
+    cosine_threshold: float = COSINE_THRESHOLD,
     dedup_train: bool = True,
     batch_size: int = 256,
     workers: int = 2,

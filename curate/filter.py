@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.choices import FILTER_MODES, check_choice
+from curate.decontaminate import COSINE_THRESHOLD, PHASH_DISTANCE
 from curate.embeddings import ImageRows, iter_image_embeddings, iter_precomputed
 from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
@@ -35,6 +36,7 @@ from manifests.images import has_images, image_rows, rebase_images
 from manifests.uid import seeded_ranks
 
 log = logging.getLogger(__name__)
+THRESHOLD = 0.2  # seed 004's keep rule with ViT-B-16
 
 HIST_BINS = 40
 MAX_LISTED_UNREADABLE = 1000
@@ -80,14 +82,14 @@ def filter_images(
     clip_model: str = DEFAULT_CLIP[0],
     clip_pretrained: str | None = None,
     mode: str = "domain",
-    threshold: float = 0.2,
+    threshold: float | None = None,
     percentile: float | None = None,
     per_class_cap: int | None = None,
     seed: int = 0,
     embeddings: str | Path | None = None,
     decontaminate: str | Path | None = None,
-    phash_distance: int = 4,
-    cosine_threshold: float = 0.95,
+    phash_distance: int | None = None,
+    cosine_threshold: float | None = None,
     batch_size: int = 256,
     workers: int = 2,
     device: str = "auto",
@@ -99,7 +101,7 @@ def filter_images(
       clip_pretrained: open_clip tag or checkpoint path; None = the model's default (laion2b_s34b_b88k
         for ViT-B-16, none for builtin tiny-* models); '' = no weights.
       mode: 'domain' (max cosine over the task's domain texts) or 'classname' (the row's class text).
-      threshold: keep score >= threshold, in [-1, 1]; ignored when `percentile` is given.
+      threshold: keep score >= threshold, in [-1, 1] (None: 0.2); not with `percentile`.
       percentile: keep the top P % (0 < P <= 100) of each class instead (ceil(n * P / 100) rows).
       per_class_cap: then keep at most N rows per class, best scores first.
       seed: seeds the deterministic tie-break (hash of uid) of percentile and cap.
@@ -113,6 +115,10 @@ def filter_images(
     from manifests.io import manifest_dir as folder_of
     from manifests.io import manifest_inputs, read_manifest, staged_output_dir
 
+    _refuse_unused(threshold, percentile, decontaminate, phash_distance, cosine_threshold)
+    threshold = THRESHOLD if threshold is None else threshold
+    phash_distance = PHASH_DISTANCE if phash_distance is None else phash_distance
+    cosine_threshold = COSINE_THRESHOLD if cosine_threshold is None else cosine_threshold
     _check_options(mode, threshold, percentile, per_class_cap, batch_size, workers)
     started = time.perf_counter()
     task_obj = load_task(task)
@@ -157,6 +163,16 @@ def filter_images(
 
 
 # ---------------------------------------------------------------- options and inputs
+def _refuse_unused(threshold, percentile, decontaminate, phash_distance, cosine_threshold) -> None:
+    """An option the run would ignore is an error, not a silent no-op (None: not given)."""
+    if percentile is not None and threshold is not None:
+        raise CurateError("give --threshold or --percentile, not both (--percentile keeps the top P% whatever the scores)")
+    if decontaminate is None:
+        for option, value in (("--cosine-threshold", cosine_threshold), ("--phash-distance", phash_distance)):
+            if value is not None:
+                raise CurateError(f"{option} sets how --decontaminate works: give --decontaminate too")
+
+
 def _check_options(mode, threshold, percentile, per_class_cap, batch_size, workers) -> None:
     check_choice("--mode", mode, FILTER_MODES)
     if threshold is None or not -1.0 <= float(threshold) <= 1.0:
