@@ -68,7 +68,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, wd: float, fused: bool = 
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
-    """Seed torch's global RNG (augmentations, loader worker seeds) from (seed, epoch) alone."""
+    """Seed torch's global RNG (loader worker seeds and anything else drawn in the main process) from (seed, epoch)
+    alone; augmentations follow each sample's own seed (train.data.SeededSamples)."""
     torch.manual_seed(seed * 100_003 + epoch)
 
 

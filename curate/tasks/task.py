@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from curate.errors import CurateError
+from curate.errors import CurateError, first_line
 
 BUILTIN_DIR = Path(__file__).parent
 _TASK_KEYS = {"name", "domain_text", "templates", "class_suffix", "backgrounds", "classes"}
@@ -176,8 +176,7 @@ def _parse_yaml(text: str, path: Path) -> Any:
     try:
         return yaml.load(text, Loader=_TextLoader)
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
-        raise CurateError(f"task file {path} is not valid YAML: {first}") from None
+        raise CurateError(f"task file {path} is not valid YAML: {first_line(exc)}") from None
 
 
 def _parse_class(item: Any, index: int, where: str) -> ClassSpec:
