@@ -43,7 +43,7 @@ def read_manifest(path: str | os.PathLike, columns: Iterable[str] | None = None)
     """Read and validate a manifest parquet file (or a folder holding manifest.parquet).
 
     With `columns`, only the required columns and those of `columns` that the file has are read."""
-    path = _manifest_file(path)
+    path = manifest_file(path)
     try:
         with pq.ParquetFile(path) as file:
             table = file.read(columns=_columns_to_read(file, columns))
@@ -56,7 +56,7 @@ def iter_manifest(path: str | os.PathLike, columns: Iterable[str] | None = None,
     """A manifest one row group at a time, each validated (for rows that need not all be in memory);
     `columns` as in read_manifest. With check=False (a stage reading back a file it wrote itself), exactly
     `columns` are read and nothing is validated again."""
-    path = _manifest_file(path)
+    path = manifest_file(path)
     try:
         file = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -68,7 +68,8 @@ def iter_manifest(path: str | os.PathLike, columns: Iterable[str] | None = None,
             yield validate(table, where=f"manifest {path}") if check else table
 
 
-def _manifest_file(path: str | os.PathLike) -> Path:
+def manifest_file(path: str | os.PathLike) -> Path:
+    """The parquet file of a manifest given as the file or its folder; CurateError if there is none."""
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME

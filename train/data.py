@@ -32,7 +32,7 @@ from manifests.images import (
     open_image,
     safe_name,
 )
-from manifests.io import MANIFEST_NAME
+from manifests.io import manifest_file
 from manifests.uid import seeded_subset_per_class
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def load_train_sources(paths: list[str | Path], class_names: list[str], fraction
         raise CurateError("no train manifest given (use --train MANIFEST, or --eval-only)")
     if not 0 < fraction <= 1:
         raise CurateError(f"--train-fraction must be in (0, 1], got {fraction}")
-    files = [manifest_dir(p) / MANIFEST_NAME if Path(p).is_dir() else Path(p) for p in paths]
+    files = [manifest_file(p) for p in paths]
     for i, path in enumerate(files):
         twin = next((paths[j] for j in range(i) if files[j].resolve() == path.resolve()), None)
         if twin is not None:

@@ -244,13 +244,13 @@ def _open_run(run: _Run, settings: dict[str, Any]) -> list[dict[str, Any]]:
 def _input_paths(run: _Run) -> Iterator[str | Path]:
     """The files and folders a run reads (a builtin task name or an open_clip tag is none), the folders of the
     training images last: listed only if an output is to be replaced."""
-    from manifests.images import image_folders
+    from manifests.io import manifest_inputs
 
     s = run.settings
-    named = [*s["train"], s["eval_data"], s["eval_task"], s["init_from"], s["pretrained"]]
+    named = [s["eval_data"], s["eval_task"], s["init_from"], s["pretrained"]]
     yield from (path for path in named if path and Path(path).exists())
     for source in run.sources:
-        yield from image_folders(source.table, source.manifest_dir)
+        yield from manifest_inputs(source.path, source.table)
 
 
 def _check_resumable(out: Path, fingerprint: dict[str, Any], resume: bool) -> None:
