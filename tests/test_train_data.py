@@ -160,6 +160,14 @@ def test_eval_folder_exported_with_classes_txt_keeps_labels_two_names_share_a_fo
         scan_eval_folder(tmp_path / "ev", list(names))
 
 
+def test_classes_txt_folders_compare_as_class_names_do(tmp_path):
+    """macOS writes the exported folder 'café_x' decomposed: classes.txt still says which class it is."""
+    root = _folder(tmp_path / "ev", classes=["cafe\u0301_x"])
+    for split in ("train", "val", "test"):
+        (root / split / "classes.txt").write_text("1\tcaf\u00e9:x\tcaf\u00e9_x\n", encoding="utf-8")
+    assert scan_eval_folder(root, ["caf\u00e9/x", "caf\u00e9:x"])["val"][0][1] == 1
+
+
 def test_a_classes_txt_of_another_format_is_not_read(tmp_path):
     root = _folder(tmp_path / "ev", classes=["red circle", "green square"])
     for split in ("train", "val", "test"):

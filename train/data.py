@@ -239,8 +239,8 @@ def _scan_split(folder: Path, labels: dict[str, int], safe: dict[str, set[int]],
 def _folder_label(sub: Path, exported: dict[str, int], labels: dict[str, int], safe: dict[str, set[int]],
                   class_names: list[str]) -> int:
     key = name_key(sub.name)
-    if sub.name in exported:
-        return exported[sub.name]
+    if key in exported:
+        return exported[key]
     if key in labels:
         return labels[key]
     candidates = sorted(safe.get(key, ()))
@@ -254,12 +254,13 @@ def _folder_label(sub: Path, exported: dict[str, int], labels: dict[str, int], s
 
 
 def _exported_folders(folder: Path, labels: dict[str, int]) -> dict[str, int]:
-    """Folder -> label from an ImageFolder export's classes.txt, if the split has one."""
+    """Folder (as name_key) -> label from an ImageFolder export's classes.txt, if the split has one (the exporter
+    keeps folder names distinct case aside)."""
     named = read_class_folders(folder) or {}
     strangers = [name for name in named.values() if name_key(name) not in labels]
     if strangers:
         raise CurateError(f"{folder / CLASSES_FILE} lists class {strangers[0]!r}, which is not a class of the eval task")
-    return {sub: labels[name_key(name)] for sub, name in named.items()}
+    return {name_key(sub): labels[name_key(name)] for sub, name in named.items()}
 
 
 # ---------------------------------------------------------------- batches and mixing
