@@ -126,7 +126,7 @@ def export(manifest: str, fmt: str, out: str, overwrite: bool) -> None:
               help="Format the images are saved in.")
 @click.option("--output-format", type=click.Choice(list(DATA_FOLDERS)), default="files", show_default=True,
               help="files: OUT/images/<shard>/<key>.jpg; webdataset: OUT/shards/<shard>.tar")
-@click.option("--samples-per-shard", "number_sample_per_shard", type=click.IntRange(min=1), default=10000,
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=10000,
               show_default=True, help="Rows per img2dataset shard (the unit of resuming).")
 @click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True, help="Seconds per URL.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True, help="Retries per failed URL.")

@@ -101,7 +101,6 @@ def _download(out: Path, manifest: Path, echo) -> Path:
     options = {"manifest": manifest, "out": out / "downloaded", "processes": 1, "threads": 8, "image_size": IMAGE_SIZE,
                "samples_per_shard": 200, "timeout": 5}
     echo("[4/6] " + command_line("curate download", options))
-    options["number_sample_per_shard"] = options.pop("samples_per_shard")  # img2dataset's name in Python
     result = download(**options)
     echo(result.summary())
     return out / "downloaded" / "manifest.parquet"

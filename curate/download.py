@@ -60,7 +60,8 @@ _ROW = "__row"
 # img2dataset's encode_quality: a quality for jpg and webp, but a compression level (0-9) for png, where its default
 # of 95 is refused
 ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 6}
-_PARAMETER = {"processes_count": "processes", "thread_count": "threads"}  # img2dataset name -> ours
+_PARAMETER = {"processes_count": "processes", "thread_count": "threads",  # img2dataset name -> ours
+              "number_sample_per_shard": "samples_per_shard"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +95,7 @@ def download(
     resize_mode: str = "border",
     encode_format: str = "jpg",
     output_format: str = "files",
-    number_sample_per_shard: int = 10_000,
+    samples_per_shard: int = 10_000,
     timeout: int = 10,
     retries: int = 0,
     overwrite: bool = False,
@@ -105,7 +106,7 @@ def download(
     Args: `manifest` (parquet or its folder), `out` (output folder); `processes` x `threads`
     download workers; `image_size`, `resize_mode`, `encode_format`: how images are resized and
     stored; `output_format`: 'files' (OUT/images/<shard>/<key>.jpg) or 'webdataset'
-    (OUT/shards/<shard>.tar); `number_sample_per_shard`; per-URL `timeout` (s) and `retries`.
+    (OUT/shards/<shard>.tar); `samples_per_shard`; per-URL `timeout` (s) and `retries`.
 
     Resuming: image data is written in place under OUT, shard by shard; a shard is done once its
     `{shard}_stats.json` exists. OUT/manifest.parquet is written last and marks OUT finished. So:
@@ -126,14 +127,14 @@ def download(
     options = _img2dataset_options({
         "processes_count": processes, "thread_count": threads, "image_size": image_size,
         "resize_mode": resize_mode, "encode_format": encode_format, "output_format": output_format,
-        "number_sample_per_shard": number_sample_per_shard, "timeout": timeout, "retries": retries,
+        "number_sample_per_shard": samples_per_shard, "timeout": timeout, "retries": retries,
     })
     table = _read_input(Path(manifest))
     sendable = table.filter(_has_url(table))
     out = Path(out)
     resumed = _prepare_out(out, _fingerprint(sendable, options), overwrite=overwrite, resume=resume, source=manifest)
     data_dir = out / DATA_FOLDERS[output_format]
-    shard_names = [f"{i:05d}" for i in range(math.ceil(sendable.num_rows / number_sample_per_shard))]
+    shard_names = [f"{i:05d}" for i in range(math.ceil(sendable.num_rows / samples_per_shard))]
     done_before = _finished_shards(data_dir, shard_names)
     timing = {"seconds": 0.0}
     if len(done_before) < len(shard_names):
@@ -144,7 +145,7 @@ def download(
     downloaded, failed = _split_results(table, results, output_format, encode_format)
     report = _report(table, downloaded, failed, results, manifest, options, resumed)
     report["shards"] = {
-        "total": len(shard_names), "skipped": len(done_before), "samples_per_shard": number_sample_per_shard,
+        "total": len(shard_names), "skipped": len(done_before), "samples_per_shard": samples_per_shard,
     }
     report["throughput"] = _throughput(data_dir, [s for s in shard_names if s not in done_before], timing)
     report["seconds"] = round(time.perf_counter() - start, 3)

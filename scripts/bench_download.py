@@ -42,7 +42,7 @@ def main() -> None:
             for processes in args.processes:
                 start = time.perf_counter()
                 result = download(tmp / "m.parquet", tmp / f"out-{processes}", processes=processes,
-                                  threads=args.threads, number_sample_per_shard=max(1, args.images // (2 * processes)))
+                                  threads=args.threads, samples_per_shard=max(1, args.images // (2 * processes)))
                 wall = time.perf_counter() - start
                 t = read_report(tmp / f"out-{processes}")["throughput"]
                 print(f"processes={processes} threads={args.threads}: {result.success}/{args.images} images, "
