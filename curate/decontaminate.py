@@ -11,8 +11,9 @@ with any test image. We use two signals instead, both computed in the filter's s
     IndexFlatIP here). CLIP embeddings are semantic rather than copy-detection descriptors, so this
     threshold is high on purpose.
 Order: eval phash, eval CLIP, then (dedup_train) training rows against earlier kept training rows,
-phash then CLIP, so the first row in manifest order survives. Training rows have no phash on the
-precomputed-embeddings path (no pixels): there only the CLIP signal is used, and the report says so.
+phash then CLIP, so the first row in manifest order survives. Rows sharing a URL are one image given
+several labels on purpose (`retrieve --multi-class duplicate`), never duplicates of each other. Training
+rows have no phash on the precomputed-embeddings path (no pixels): there only the CLIP signal is used, and the report says so.
 Cost: eval search O(n_train x n_eval); in-train CLIP dedup O(n_train x n_kept) inner products.
 """
 
@@ -133,6 +134,13 @@ def decontaminate(
         "cosine_threshold": cosine_threshold, "clip_model": bundle.name, "dedup_train": dedup_train,
     }
     return finder.result(unreadable, settings)
+
+
+def _first_row_per_url(table: pa.Table) -> np.ndarray:
+    """Per row, the first row with its URL (itself when it has none, or no url column)."""
+    urls = table.column("url").to_pylist() if "url" in table.column_names else [None] * table.num_rows
+    first: dict[str, int] = {}
+    return np.array([first.setdefault(url, row) if url else row for row, url in enumerate(urls)], dtype=np.int64)
 
 
 def _printable(path: str) -> str:
@@ -272,14 +280,17 @@ class _Finder:
     def __init__(self, table: pa.Table, alive: np.ndarray, eval_names: list[str], phash_distance: int, cosine: float):
         self.uids = table.column("uid").to_pylist()
         self.classes = table.column("class_name").to_pylist()
+        self.copy_of = _first_row_per_url(table)
         self.alive = alive.copy()
         self.eval_names = eval_names
         self.metrics = {"phash": _Metric("phash", phash_distance), "clip": _Metric("clip", cosine)}
         self.pairs: list[dict[str, Any]] = []
         self.counts = {"eval_phash": 0, "eval_clip": 0, "train_phash": 0, "train_clip": 0}
+        self._dropped_as: dict[int, tuple[str, float]] = {}  # row -> (match, value) of the train pass running
 
     def _drop(self, row: int, match: str, kind: str, method: str, value: float) -> None:
         self.alive[row] = False
+        self._dropped_as[row] = (match, value)
         self.counts[f"{kind}_{method}"] += 1
         hamming, cosine = (int(value), None) if method == "phash" else (None, float(value))
         self.pairs.append({"uid": self.uids[row], "class_name": self.classes[row], "match": match,
@@ -301,10 +312,14 @@ class _Finder:
                 self._drop(int(row), self.eval_names[eval_ids[hit_id]], "eval", method, value)
 
     def inside_train(self, method: str, train: np.ndarray) -> None:
-        """Greedy in row order: drop an alive row within reach of an earlier kept row."""
+        """Greedy in row order: drop an alive row within reach of an earlier kept row.
+
+        Rows of one URL (a caption naming several classes, retrieved with --multi-class duplicate) are one
+        image on purpose: only the first alive one is compared, and the others share its fate."""
         metric = self.metrics[method]
         index, kept_rows = metric.index(train.shape[1]), np.zeros(0, dtype=np.int64)
-        rows = np.flatnonzero(self.alive)
+        rows, copies = self._first_alive_copies()
+        self._dropped_as = {}
         for start in range(0, len(rows), BLOCK):
             block = rows[start:start + BLOCK]
             vectors = metric.prepare(train[block])
@@ -317,6 +332,22 @@ class _Finder:
             survivors = self.alive[block]
             index.add(vectors[survivors])
             kept_rows = np.concatenate([kept_rows, block[survivors]])
+        for row, first in copies:
+            if first in self._dropped_as:
+                match, value = self._dropped_as[first]
+                self._drop(row, match, "train", method, value)
+
+    def _first_alive_copies(self) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """(alive rows that are the first alive row of their URL, [(later alive row, that first row)])."""
+        firsts: dict[int, int] = {}
+        rows, copies = [], []
+        for row in np.flatnonzero(self.alive).tolist():
+            first = firsts.setdefault(int(self.copy_of[row]), row)
+            if first == row:
+                rows.append(row)
+            else:
+                copies.append((row, first))
+        return np.asarray(rows, dtype=np.int64), copies
 
     def _within_block(self, metric: _Metric, block: np.ndarray, vectors: np.ndarray) -> None:
         index = metric.index(vectors.shape[1])

@@ -194,9 +194,49 @@ def _brute_force_greedy(hashes: np.ndarray, radius: int) -> set[int]:
     return dropped
 
 
-def _finder(n: int, radius: int, cosine: float = 0.99) -> _Finder:
+def _finder(n: int, radius: int, cosine: float = 0.99, urls: list[str | None] | None = None) -> _Finder:
     table = pa.table({"uid": [f"u{i}" for i in range(n)], "class_name": ["c"] * n})
+    if urls is not None:
+        table = table.append_column("url", pa.array(urls, pa.string()))
     return _Finder(table, np.ones(n, dtype=bool), [], radius, cosine)
+
+
+def _unit_rows(count: int, seed: int = 4) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((count, 16))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", ["clip", "phash"])
+def test_rows_of_one_url_are_no_duplicates_of_each_other(method):
+    """--multi-class duplicate gives one image a row per class, under one URL: in-train dedup keeps them all,
+    and still drops the same image under another URL. A URL-less row is its own image."""
+    v = _unit_rows(2) if method == "clip" else np.random.default_rng(5).integers(0, 256, (2, 8), dtype=np.uint8)
+    rows = v[[0, 0, 0, 1, 0, 0, 0]]
+    urls = ["a", "a", "a", "b", "c", None, None]
+    finder = _finder(len(rows), 4, urls=urls)
+    finder.inside_train(method, rows)
+    assert finder.alive.tolist() == [True, True, True, True, False, False, False]
+    assert [p["match"] for p in finder.pairs] == ["u0", "u0", "u0"]
+
+
+def test_a_url_whose_first_row_is_a_duplicate_loses_all_its_rows():
+    rows = _unit_rows(2)[[0, 1, 0, 0, 0]]
+    finder = _finder(len(rows), 4, urls=["x", "y", "a", "a", "a"])
+    finder.inside_train("clip", rows)
+    assert finder.alive.tolist() == [True, True, False, False, False]
+    assert {p["uid"]: p["match"] for p in finder.pairs} == {"u2": "u0", "u3": "u0", "u4": "u0"}
+    assert finder.counts["train_clip"] == 3
+
+
+def test_the_first_alive_row_of_a_url_speaks_for_it():
+    """The URL's first row was dropped before (an eval copy, unreadable): its next alive row is compared."""
+    rows = _unit_rows(2)[[0, 1, 1, 1]]
+    finder = _finder(len(rows), 4, urls=["x", "a", "a", "y"])
+    finder.alive[1] = False
+    finder.inside_train("clip", rows)
+    assert finder.alive.tolist() == [True, False, True, False]
+    assert finder.pairs[-1] == {"uid": "u3", "class_name": "c", "match": "u2", "match_kind": "train", "method": "clip",
+                                "hamming": None, "cosine": pytest.approx(1.0, abs=1e-6)}
 
 
 def test_phash_radius_is_inclusive_and_exact():
