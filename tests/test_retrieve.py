@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from helpers_cli import assert_cli_error
 
+import manifests.io
 from curate.cli import cli
 from curate.errors import CurateError
 from curate.retrieve import retrieve
 from manifests import read_manifest, seeded_subset_per_class, uid_for_url
-from manifests.io import UMASK
 
 TASK = {"name": "planes", "classes": ["737", "737-800", "A320", {"name": "rose", "require_any": ["flower"]}]}
 
@@ -232,12 +232,16 @@ def test_no_match_writes_an_empty_valid_manifest(tmp_path, write_task, write_lai
     assert read_manifest(tmp_path / "o").num_rows == 0
 
 
-def test_outputs_get_the_umask_modes_not_private_temp_ones(tmp_path, write_task, write_laion, runner):
+@pytest.mark.parametrize("umask", [0o002, 0o022])
+def test_outputs_get_the_umask_modes_not_private_temp_ones(tmp_path, write_task, write_laion, runner, monkeypatch, umask):
+    """Staging folders and files are made private (0700/0600) by mkdtemp/mkstemp; outputs follow the umask (read
+    once at import, so the test sets what was read: under a private umask 077 the test could not fail)."""
+    monkeypatch.setattr(manifests.io, "UMASK", umask)
     out = tmp_path / "o"
     result = run(runner, "-t", str(write_task(TASK)), "-m", str(write_laion([("a", "737")])), "-o", str(out))
     assert result.exit_code == 0, result.output
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (out, out / "manifest.parquet", out / "report.json")}
-    folder, file = 0o777 & ~UMASK, 0o666 & ~UMASK  # 0755 and 0644 under the usual umask 022
+    folder, file = 0o777 & ~umask, 0o666 & ~umask
     assert modes == {"o": folder, "manifest.parquet": file, "report.json": file}
 
 
