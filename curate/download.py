@@ -41,10 +41,9 @@ from manifests.io import (
     MANIFEST_NAME,
     atomic_write,
     clear_output,
+    input_task,
     make_folder,
-    manifest_dir,
     read_manifest,
-    read_report,
     write_json,
     write_manifest,
     write_report,
@@ -369,7 +368,7 @@ def _report(table, downloaded, failed, results, manifest, options, resumed) -> d
     errors.sort(key=lambda item: (-item["counts"], item["values"]))
     return {
         "stage": "download",
-        "task": _input_task(Path(manifest)),
+        "task": input_task(manifest),
         "manifest": str(manifest),
         "resumed": resumed,
         "counts": {
@@ -414,12 +413,6 @@ def _throughput(data_dir: Path, fetched_shards: list[str], timing: dict[str, flo
         "download_window_seconds": round(window, 3),
         "images_per_second_in_window": round(images / window, 2) if window > 0 else None,
     }
-
-
-def _input_task(manifest: Path) -> Any:
-    with contextlib.suppress(OSError, ValueError):
-        return read_report(manifest_dir(manifest)).get("task")
-    return None
 
 
 def _finish(out: Path, downloaded: pa.Table, failed: pa.Table, report: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from manifests.images import iter_images, safe_name
 from manifests.io import (
     MANIFEST_NAME,
     UMASK,
+    input_task,
     manifest_dir,
     manifest_inputs,
     read_manifest,
@@ -217,5 +218,5 @@ def export_manifest(manifest: str | Path, fmt: str, out: str | Path, overwrite: 
     table = read_manifest(manifest)
     with staged_output_dir(out, overwrite=overwrite, inputs=manifest_inputs(manifest, table)) as staging:
         files = EXPORTERS[fmt](table, manifest_dir(manifest), staging)
-        write_report(staging, {"stage": "export", "format": fmt, "manifest": str(manifest), "rows": table.num_rows, "files": files})
+        write_report(staging, {"stage": "export", "task": input_task(manifest), "format": fmt, "manifest": str(manifest), "rows": table.num_rows, "files": files})
     return f"exported {table.num_rows} rows as {fmt} to {out}: {', '.join(files)}"

@@ -193,6 +193,14 @@ def read_report(location: str | os.PathLike) -> dict[str, Any]:
     return json.loads(report_file(location).read_text(encoding="utf-8"))
 
 
+def input_task(manifest: str | os.PathLike) -> Any:
+    """The task named by the report beside a stage's input manifest (None when there is none to read)."""
+    with contextlib.suppress(OSError, ValueError):
+        report = read_report(manifest_dir(manifest))
+        return report.get("task") if isinstance(report, dict) else None
+    return None
+
+
 def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
 

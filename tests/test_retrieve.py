@@ -18,6 +18,7 @@ from curate.cli import cli
 from curate.errors import CurateError
 from curate.retrieve import retrieve
 from manifests import read_manifest, seeded_subset_per_class, uid_for_url
+from manifests.io import read_report
 
 TASK = {"name": "planes", "classes": ["737", "737-800", "A320", {"name": "rose", "require_any": ["flower"]}]}
 
@@ -254,6 +255,7 @@ def test_manifest_reads_in_duckdb_and_export_formats(tmp_path, write_task, write
         result = runner.invoke(cli, ["export", "--manifest", str(tmp_path / "o"), "--format", fmt, "--out", str(tmp_path / fmt)])
         assert result.exit_code == 0, result.output
         assert (tmp_path / fmt / name).exists()
+        assert read_report(tmp_path / fmt)["task"] == "planes"  # from the input manifest's report
     exported = pq.read_table(tmp_path / "img2dataset" / "img2dataset_input.parquet")
     assert exported.column_names[:2] == ["url", "caption"] and "label" in exported.column_names
     assert len((tmp_path / "jsonl" / "manifest.jsonl").read_text().splitlines()) == 2
