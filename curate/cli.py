@@ -177,6 +177,9 @@ def download(**options) -> None:
 def filter_command(**options) -> None:
     """Score rows with CLIP against the task (seed 004: keep score >= 0.2) and optionally decontaminate.
 
+    Resumable: a killed run's image scores wait in .OUT.filter-scores/ beside OUT, and the same command run
+    again scores only the rest.
+
     \b
     Example (downloaded images, protocol defaults: ViT-B-16 laion2b_s34b_b88k, domain texts, 0.2):
       curate filter --task fgvc-aircraft --manifest aircraft-images/manifest.parquet --out aircraft-filtered \\

@@ -10,12 +10,14 @@ Image embeddings come from one of two readers in curate/embeddings.py, both yiel
   * `iter_image_embeddings`: the manifest's images, decoded in DataLoader workers, encoded by the model;
   * `iter_precomputed`: a clip-retrieval folder (img_emb/img_emb_N.npy + metadata/metadata_N.parquet),
     streamed shard by shard and chunk by chunk, matched to the manifest by url (or uid).
-`score_embeddings` is the scoring core both share.
+`score_embeddings` is the scoring core both share. The image pass is resumable: what it scored goes, chunk by
+chunk, to a folder beside OUT (curate/score_store.py) that a re-run of the same command reads back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import tempfile
@@ -32,6 +34,7 @@ from curate.decontaminate import COSINE_THRESHOLD, PHASH_DISTANCE
 from curate.embeddings import ImageRows, iter_image_embeddings, iter_precomputed
 from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
+from curate.score_store import ScoreStore, chunk_rows
 from manifests.images import has_images, image_rows, rebase_images
 from manifests.uid import seeded_ranks
 
@@ -72,6 +75,7 @@ class _Scored:
     missing: np.ndarray
     embeddings: np.ndarray | None = None  # float16 (n, d), kept only for decontamination, in a file (see _new_scored)
     phash: np.ndarray | None = None  # uint8 (n, 8), image path only
+    embeddings_kept: bool = False  # the embeddings are the score store's, which a resumed run reads again
 
 
 def filter_images(
@@ -140,15 +144,18 @@ def filter_images(
         text, texts = _text_matrix(bundle, task_obj, mode, device)
         columns = table.column("label").to_numpy() if mode == "classname" else None
         spill = stage if decontaminate is not None else None  # where every row's embedding waits for it
+        store = None
         if embeddings is not None:
             scored = _score_precomputed(table, Path(embeddings), text, columns, spill, bundle.name)
         else:
             reader = dict(batch_size=batch_size, workers=workers, device=device)
-            scored = _score_images(table, manifest_dir, bundle, text, columns, spill, reader)
+            fingerprint = _score_fingerprint(manifest, table, bundle.name, pretrained, mode, text, batch_size, spill is not None)
+            store = ScoreStore(Path(out), fingerprint, table.num_rows, text.shape[0], spill is not None, overwrite)
+            scored = _score_images(table, manifest_dir, bundle, text, columns, store, reader)
         selection = _select(table, scored, threshold, percentile, per_class_cap, seed)
         decon = None
         if decontaminate is not None:
-            decon = _run_decontamination(table, manifest_dir, decontaminate, scored, selection, bundle,
+            decon = _run_decontamination(table, manifest_dir, decontaminate, scored, selection, bundle, stage,
                                          dict(phash_distance=phash_distance, cosine_threshold=cosine_threshold,
                                               batch_size=batch_size, workers=workers, device=device))
         kept = cap_per_class(selection.keep, scored.scores, selection.labels, selection.tiebreak, per_class_cap)
@@ -158,6 +165,8 @@ def filter_images(
                         started=started)
         rebased = rebase_images(table, manifest_dir, Path(out))  # image paths stay valid from OUT
         report = _write_outputs(stage, rebased, scored, selection, kept, decon, settings)
+    if store is not None:
+        store.remove()
     log.info("filter: kept %d of %d rows -> %s", report["counts"]["kept"], report["counts"]["input"], out)
     return FilterResult(out=Path(out), report=report)
 
@@ -259,16 +268,15 @@ def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None, blo
     return out.numpy()
 
 
-def _new_scored(n: int, dim: int, spill: Path | None, with_phash: bool) -> _Scored:
-    """Empty results for n rows. With `spill` (a folder; decontamination to come), every row's embedding is
-    kept too, in a nameless memory-mapped file there: 10 M rows of ViT-B-16 are 10 GB, of which
-    decontamination reads only the rows that pass the score rule."""
+def _new_scored(n: int, dim: int, spill: Path | None) -> _Scored:
+    """Empty results for n rows of precomputed embeddings. With `spill` (a folder; decontamination to come),
+    every row's embedding is kept too, in a nameless memory-mapped file there: 10 M rows of ViT-B-16 are
+    10 GB, of which decontamination reads only the rows that pass the score rule."""
     return _Scored(
         scores=np.full(n, np.nan, dtype=np.float32),
         unreadable={},
         missing=np.zeros(n, dtype=bool),
         embeddings=None if spill is None else _spilled_zeros(spill, (n, dim)),
-        phash=np.zeros((n, 8), dtype=np.uint8) if spill is not None and with_phash else None,
     )
 
 
@@ -280,29 +288,71 @@ def _spilled_zeros(folder: Path, shape: tuple[int, int]) -> np.ndarray:
         return np.memmap(handle, mode="w+", dtype=np.float16, shape=shape)
 
 
-def _score_images(table, manifest_dir, bundle, text, columns, spill: Path | None, reader) -> _Scored:
-    rows = image_rows(table)
-    scored = _new_scored(len(rows), text.shape[0], spill, with_phash=True)
-    dataset = ImageRows(rows, manifest_dir, bundle.preprocess_val, bundle.image_size, with_phash=scored.phash is not None)
-    for indices, feats, digests, errors, ok in iter_image_embeddings(bundle, dataset, desc="clip score", **reader):
-        for index, error in zip(indices[~ok], np.asarray(errors, dtype=object)[~ok]):
-            scored.unreadable[int(index)] = error
-        if feats is None:
-            continue
-        good = indices[ok]
-        scored.scores[good] = score_embeddings(feats[ok], text, None if columns is None else columns[good])
-        if scored.embeddings is not None:
-            scored.embeddings[good] = feats[ok]
-            scored.phash[good] = digests[ok]
+def _score_fingerprint(manifest, table, model: str, pretrained, mode: str, text: np.ndarray, batch_size: int,
+                       keep_embeddings: bool) -> dict[str, Any]:
+    """What the image pass's scores depend on (a resumed run must not mix scores of other settings)."""
+    from manifests.io import manifest_file
+
+    path = manifest_file(manifest).resolve()
+    stat = path.stat()
+    return {"manifest": str(path), "manifest_bytes": stat.st_size, "manifest_mtime_ns": stat.st_mtime_ns,
+            "rows": table.num_rows, "model": model, "pretrained": pretrained, "mode": mode,
+            "texts": hashlib.sha256(np.ascontiguousarray(text).tobytes()).hexdigest(),
+            "chunk_rows": chunk_rows(batch_size), "embeddings": keep_embeddings}
+
+
+class _Picked:
+    """rows[picks[i]] as a sequence (the rows an image pass has left to score); plain, so workers can pickle it."""
+
+    def __init__(self, rows, picks: np.ndarray):
+        self.rows, self.picks = rows, picks
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, index: int):
+        return self.rows[int(self.picks[index])]
+
+
+def _score_images(table, manifest_dir, bundle, text, columns, store: ScoreStore, reader) -> _Scored:
+    """Score the manifest's images, resuming from `store`; each finished chunk of rows is saved there."""
+    n = table.num_rows
+    scored = _Scored(scores=np.full(n, np.nan, dtype=np.float32), unreadable={}, missing=np.zeros(n, dtype=bool),
+                     embeddings=store.embeddings, embeddings_kept=store.embeddings is not None,
+                     phash=np.zeros((n, 8), dtype=np.uint8) if store.embeddings is not None else None)
+    todo = np.flatnonzero(store.load(scored.scores, scored.unreadable, scored.phash))
+    if len(todo) < n:
+        log.info("resuming: %d of %d rows were scored by an interrupted run (%s)", n - len(todo), n, store.folder)
+    if len(todo):
+        pending = list(np.unique(todo // store.chunk) * store.chunk)[::-1]  # starts of the chunks to score, last first
+        dataset = ImageRows(_Picked(image_rows(table), todo), manifest_dir, bundle.preprocess_val, bundle.image_size,
+                            with_phash=scored.phash is not None)
+        for indices, feats, digests, errors, ok in iter_image_embeddings(bundle, dataset, desc="clip score", **reader):
+            indices = todo[indices]
+            _record_batch(scored, indices, feats, digests, errors, ok, text, columns)
+            while pending and min(pending[-1] + store.chunk, n) <= indices[-1] + 1:  # batches arrive in row order
+                store.save(int(pending.pop()), scored.scores, scored.unreadable, scored.phash)
     if scored.unreadable:
         log.warning("%d image(s) could not be read and were skipped", len(scored.unreadable))
     return scored
 
 
+def _record_batch(scored: _Scored, indices, feats, digests, errors, ok, text, columns) -> None:
+    for index, error in zip(indices[~ok], np.asarray(errors, dtype=object)[~ok]):
+        scored.unreadable[int(index)] = error
+    if feats is None:
+        return
+    good = indices[ok]
+    scored.scores[good] = score_embeddings(feats[ok], text, None if columns is None else columns[good])
+    if scored.embeddings is not None:
+        scored.embeddings[good] = feats[ok]
+        scored.phash[good] = digests[ok]
+
+
 def _score_precomputed(table, emb_dir: Path, text, columns, spill: Path | None, model_name: str) -> _Scored:
     if not emb_dir.is_dir():
         raise CurateError(f"embeddings folder not found: {emb_dir}")
-    scored = _new_scored(table.num_rows, text.shape[0], spill, with_phash=False)
+    scored = _new_scored(table.num_rows, text.shape[0], spill)
     for rows, feats in iter_precomputed(table, emb_dir, text.shape[0], model_name):
         scored.scores[rows] = score_embeddings(feats, text, None if columns is None else columns[rows])
         if scored.embeddings is not None:
@@ -367,17 +417,20 @@ def cap_per_class(keep: np.ndarray, scores, labels, tiebreak, cap: int | None) -
 
 
 # ---------------------------------------------------------------- decontamination
-def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selection: _Selection, bundle, options):
+def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selection: _Selection, bundle, stage: Path,
+                         options):
     """Decontaminate the rows passing the score rule; clears `selection.keep` for the dropped ones.
 
     Consumes `scored.embeddings`: the passing rows are moved to its front in place, so it no longer lines up
-    with the table, and it is dropped at the end (which unmaps the nameless file and frees its space)."""
+    with the table, and it is dropped at the end (which unmaps the nameless file and frees its space). The
+    score store's embeddings, which a resumed run reads again, are copied instead (to a nameless file in `stage`)."""
     from curate.decontaminate import decontaminate
 
     rows = np.flatnonzero(selection.keep)
+    gather = _copied_rows if scored.embeddings_kept else _front_rows
     result = decontaminate(
         table.take(pa.array(rows)), manifest_dir, eval_dir, bundle=bundle,
-        train_embeddings=_front_rows(scored.embeddings, rows),
+        train_embeddings=gather(scored.embeddings, rows, stage),
         train_phash=None if scored.phash is None else scored.phash[rows],
         **options,
     )
@@ -386,7 +439,7 @@ def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selecti
     return result
 
 
-def _front_rows(array: np.ndarray, rows: np.ndarray, block: int = 65536) -> np.ndarray:
+def _front_rows(array: np.ndarray, rows: np.ndarray, _stage: Path, block: int = 65536) -> np.ndarray:
     """array[rows] as a view of the first len(rows) rows, moved there in place (array may be a memory map:
     a fancy-indexed copy would bring every passing row into memory). Safe because rows ascend: a row is
     never overwritten before it is moved."""
@@ -394,6 +447,16 @@ def _front_rows(array: np.ndarray, rows: np.ndarray, block: int = 65536) -> np.n
         part = rows[start : start + block]
         array[start : start + len(part)] = array[part]
     return array[: len(rows)]
+
+
+def _copied_rows(array: np.ndarray, rows: np.ndarray, stage: Path, block: int = 65536) -> np.ndarray:
+    """array[rows] in a nameless memory-mapped file in `stage`, a block at a time (as `_front_rows`, without
+    writing to `array`)."""
+    copy = _spilled_zeros(stage, (len(rows), array.shape[1]))
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        copy[start : start + len(part)] = array[part]
+    return copy
 
 
 # ---------------------------------------------------------------- outputs

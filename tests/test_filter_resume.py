@@ -1,0 +1,135 @@
+"""curate filter's image pass resumes after a kill: finished chunks are read back, the rest is scored, and the
+outputs are those of a run that was never stopped. Offline: tiny-clip on CPU, generated images."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from helpers_images import SHAPES_TASK, TINY, make_image_manifest, write_task_file
+
+import curate.filter
+import curate.score_store
+from curate.errors import CurateError
+from curate.filter import filter_images
+from curate.score_store import store_folder
+from manifests.io import read_manifest
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+SCORE = curate.filter.score_embeddings
+OPTIONS = {**TINY, "batch_size": 2, "threshold": -1}  # chunks of 4 rows (below): 12 rows are chunks at 0, 4 and 8
+
+
+@pytest.fixture()
+def shapes(tmp_path, monkeypatch):
+    monkeypatch.setattr(curate.score_store, "CHUNK_TARGET_ROWS", 4)
+    return write_task_file(tmp_path, SHAPES_TASK), make_image_manifest(tmp_path, per_class=[5, 4, 3])
+
+
+class _Scoring:
+    """Counts the rows the image pass scores; with `stop_after` batches, the next one is a Ctrl-C."""
+
+    def __init__(self, monkeypatch, stop_after: int | None = None):
+        self.rows, self.batches, self.stop_after = 0, 0, stop_after
+        monkeypatch.setattr(curate.filter, "score_embeddings", self)
+
+    def __call__(self, feats, *args, **kwargs):
+        if self.batches == self.stop_after:
+            raise KeyboardInterrupt
+        self.batches += 1
+        self.rows += len(feats)
+        return SCORE(feats, *args, **kwargs)
+
+
+def _same_outputs(one, other, names=("manifest.parquet",)) -> None:
+    for name in names:
+        assert pq.read_table(one / name).equals(pq.read_table(other / name)), name
+
+
+def _eval_copies(tmp_path, manifest, rows):
+    """An eval folder holding exact copies of the images of these manifest rows."""
+    paths = read_manifest(manifest).column("image_path").to_pylist()
+    folder = tmp_path / "eval" / "test" / "a"
+    folder.mkdir(parents=True)
+    for row in rows:
+        shutil.copy(manifest.parent / paths[row], folder / f"copy{row}.png")
+    return tmp_path / "eval"
+
+
+@pytest.mark.parametrize("decontaminate", [False, True])
+def test_a_killed_image_pass_resumes_where_it_stopped_with_the_same_outputs(shapes, tmp_path, monkeypatch, decontaminate):
+    task, manifest = shapes
+    options = dict(OPTIONS)
+    if decontaminate:  # copies of a row scored before the kill (its phash and embedding come back from the store)
+        options |= dict(decontaminate=_eval_copies(tmp_path, manifest, [1, 9]), phash_distance=8, cosine_threshold=0.9999)
+    reference = filter_images(task, manifest, tmp_path / "ref", **options)
+    assert not store_folder(tmp_path / "ref").exists()
+
+    out = tmp_path / "out"
+    _Scoring(monkeypatch, stop_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        filter_images(task, manifest, out, **options)
+    assert not out.exists()
+    assert sorted(p.name for p in store_folder(out).glob("chunk-*")) == ["chunk-000000000000.npz", "chunk-000000000004.npz"]
+
+    scoring = _Scoring(monkeypatch)
+    result = filter_images(task, manifest, out, **options)
+    assert scoring.rows == 4  # only the chunk at row 8
+    assert result.counts == reference.counts
+    _same_outputs(out, tmp_path / "ref", ("manifest.parquet", "decontamination.parquet") if decontaminate else ("manifest.parquet",))
+    if decontaminate:
+        assert result.report["decontamination"]["counts"]["eval_phash"] == 2
+    assert not store_folder(out).exists()
+
+
+def test_scores_of_other_settings_are_refused_or_with_overwrite_discarded(shapes, tmp_path, monkeypatch):
+    task, manifest = shapes
+    out = tmp_path / "out"
+    _Scoring(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        filter_images(task, manifest, out, **OPTIONS)
+    with pytest.raises(CurateError, match=r"holds the scores of an interrupted filter run with other settings "
+                                          r"\(chunk_rows, mode, texts differ\): run it again as it was"):
+        filter_images(task, manifest, out, **{**OPTIONS, "mode": "classname", "batch_size": 3})
+    scoring = _Scoring(monkeypatch)
+    filter_images(task, manifest, out, **{**OPTIONS, "mode": "classname", "overwrite": True})
+    assert scoring.rows == 12
+    assert not store_folder(out).exists()
+
+
+def test_overwrite_keeps_the_scores_of_the_same_settings(shapes, tmp_path, monkeypatch):
+    """--overwrite replaces a finished OUT; scores of the same settings are what the run would compute again."""
+    task, manifest = shapes
+    _Scoring(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        filter_images(task, manifest, tmp_path / "out", **OPTIONS)
+    scoring = _Scoring(monkeypatch)
+    filter_images(task, manifest, tmp_path / "out", **OPTIONS, overwrite=True)
+    assert scoring.rows == 8
+
+
+def test_a_damaged_chunk_file_is_scored_again(shapes, tmp_path, monkeypatch):
+    task, manifest = shapes
+    out = tmp_path / "out"
+    filter_images(task, manifest, tmp_path / "ref", **OPTIONS)
+    _Scoring(monkeypatch, stop_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        filter_images(task, manifest, out, **OPTIONS)
+    second = store_folder(out) / "chunk-000000000004.npz"
+    second.write_bytes(second.read_bytes()[:100])
+    scoring = _Scoring(monkeypatch)
+    filter_images(task, manifest, out, **OPTIONS)
+    assert scoring.rows == 8
+    _same_outputs(out, tmp_path / "ref")
+
+
+def test_a_changed_manifest_is_not_resumed(shapes, tmp_path, monkeypatch):
+    task, manifest = shapes
+    _Scoring(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        filter_images(task, manifest, tmp_path / "out", **OPTIONS)
+    table = read_manifest(manifest)
+    pq.write_table(table.slice(0, 11), manifest)
+    with pytest.raises(CurateError, match=r"\(manifest_bytes, manifest_mtime_ns, rows differ\)"):
+        filter_images(task, manifest, tmp_path / "out", **OPTIONS)
