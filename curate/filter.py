@@ -34,7 +34,7 @@ from curate.decontaminate import COSINE_THRESHOLD, PHASH_DISTANCE
 from curate.embeddings import ImageRows, iter_image_embeddings, iter_precomputed
 from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
-from curate.score_store import ScoreStore, chunk_rows
+from curate.score_store import ScoreStore, chunk_rows, remove_store
 from manifests.images import has_images, image_rows, rebase_images
 from manifests.uid import seeded_ranks
 
@@ -144,7 +144,6 @@ def filter_images(
         text, texts = _text_matrix(bundle, task_obj, mode, device)
         columns = table.column("label").to_numpy() if mode == "classname" else None
         spill = stage if decontaminate is not None else None  # where every row's embedding waits for it
-        store = None
         if embeddings is not None:
             scored = _score_precomputed(table, Path(embeddings), text, columns, spill, bundle.name)
         else:
@@ -165,8 +164,7 @@ def filter_images(
                         started=started)
         rebased = rebase_images(table, manifest_dir, Path(out))  # image paths stay valid from OUT
         report = _write_outputs(stage, rebased, scored, selection, kept, decon, settings)
-    if store is not None:
-        store.remove()
+    remove_store(Path(out))
     log.info("filter: kept %d of %d rows -> %s", report["counts"]["kept"], report["counts"]["input"], out)
     return FilterResult(out=Path(out), report=report)
 
@@ -298,7 +296,7 @@ def _score_fingerprint(manifest, table, model: str, pretrained, mode: str, text:
     return {"manifest": str(path), "manifest_bytes": stat.st_size, "manifest_mtime_ns": stat.st_mtime_ns,
             "rows": table.num_rows, "model": model, "pretrained": pretrained, "mode": mode,
             "texts": hashlib.sha256(np.ascontiguousarray(text).tobytes()).hexdigest(),
-            "chunk_rows": chunk_rows(batch_size), "embeddings": keep_embeddings}
+            "batch_size": batch_size, "chunk_rows": chunk_rows(batch_size), "embeddings": keep_embeddings}
 
 
 class _Picked:
@@ -338,7 +336,7 @@ def _score_images(table, manifest_dir, bundle, text, columns, store: ScoreStore,
 
 
 def _record_batch(scored: _Scored, indices, feats, digests, errors, ok, text, columns) -> None:
-    for index, error in zip(indices[~ok], np.asarray(errors, dtype=object)[~ok]):
+    for index, error in zip(indices[~ok], np.asarray(errors, dtype=object)[~ok], strict=True):
         scored.unreadable[int(index)] = error
     if feats is None:
         return

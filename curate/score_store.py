@@ -32,6 +32,11 @@ def store_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.filter-scores"
 
 
+def remove_store(out: Path) -> None:
+    """After a finished filter into `out`: what an interrupted run left for it is of no more use."""
+    shutil.rmtree(store_folder(Path(out)), ignore_errors=True)
+
+
 def chunk_rows(batch_size: int) -> int:
     return batch_size * math.ceil(CHUNK_TARGET_ROWS / batch_size)
 
@@ -47,19 +52,20 @@ class ScoreStore:
             self._discard_if_other(fingerprint, overwrite)
         if not self.folder.exists():
             make_folder(self.folder)
-            write_json(fingerprint, self.folder / FINGERPRINT)
+        write_json(fingerprint, self.folder / FINGERPRINT)
         self.embeddings = self._embeddings((rows, dim)) if keep_embeddings else None
 
     def _discard_if_other(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Scores of the same settings are the ones this run would compute: kept (even with --overwrite, which
-        replaces a finished OUT). Others are refused, or discarded with --overwrite."""
+        replaces a finished OUT, so that a killed --overwrite run resumes too). Others are refused, or discarded
+        with --overwrite. A folder with no chunk yet holds nothing to keep."""
         try:
             saved = json.loads((self.folder / FINGERPRINT).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             saved = {}
         saved = saved if isinstance(saved, dict) else {}
         differ = sorted(key for key in fingerprint.keys() | saved.keys() if saved.get(key) != fingerprint.get(key))
-        if differ and not overwrite:
+        if differ and not overwrite and any(self.folder.glob("chunk-*.npz")):
             raise CurateError(f"{self.folder} holds the scores of an interrupted filter run with other settings "
                               f"({', '.join(differ)} differ): run it again as it was to resume, or add --overwrite to start over")
         if differ:
@@ -82,17 +88,27 @@ class ScoreStore:
         """Fill the arrays from the saved chunks; returns the mask of rows still to score."""
         todo = np.ones(self.rows, dtype=bool)
         for start in self.chunk_starts():
-            try:
-                with np.load(self._chunk_file(start)) as saved:
-                    end = start + len(saved["scores"])
-                    scores[start:end] = saved["scores"]
-                    unreadable.update(zip(saved["bad_rows"].tolist(), saved["bad_errors"].tolist(), strict=True))
-                    if phash is not None:
-                        phash[start:end] = saved["phash"]
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # not saved, or damaged: scored again
+            end = min(start + self.chunk, self.rows)
+            saved = self._read_chunk(start, end, phash is not None)
+            if saved is None:  # not saved, or damaged: scored again
                 continue
+            scores[start:end] = saved["scores"]
+            unreadable.update(zip(saved["bad_rows"].tolist(), saved["bad_errors"].tolist(), strict=True))
+            if phash is not None:
+                phash[start:end] = saved["phash"]
             todo[start:end] = False
         return todo
+
+    def _read_chunk(self, start: int, end: int, with_phash: bool) -> dict[str, np.ndarray] | None:
+        """A saved chunk's arrays, whole and of the right lengths, or None."""
+        names = ["scores", "bad_rows", "bad_errors", *(["phash"] if with_phash else [])]
+        try:
+            with np.load(self._chunk_file(start)) as saved:
+                arrays = {name: saved[name] for name in names}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        lengths_fit = len(arrays["scores"]) == end - start and len(arrays["bad_rows"]) == len(arrays["bad_errors"])
+        return arrays if lengths_fit and (not with_phash or len(arrays["phash"]) == end - start) else None
 
     def save(self, start: int, scores: np.ndarray, unreadable: dict[int, str], phash: np.ndarray | None) -> None:
         """Record the chunk starting at `start` as done (its embeddings are flushed to disk first)."""
@@ -108,5 +124,3 @@ class ScoreStore:
         np.savez(temporary, **arrays)
         os.replace(temporary, self._chunk_file(start))
 
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)

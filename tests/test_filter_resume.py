@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers_images import SHAPES_TASK, TINY, make_image_manifest, write_task_file
+from helpers_images import (
+    SHAPES_TASK,
+    TINY,
+    embed_manifest,
+    make_image_manifest,
+    write_clip_retrieval,
+    write_task_file,
+)
 
 import curate.filter
 import curate.score_store
@@ -89,8 +97,9 @@ def test_scores_of_other_settings_are_refused_or_with_overwrite_discarded(shapes
     _Scoring(monkeypatch, stop_after=2)
     with pytest.raises(KeyboardInterrupt):
         filter_images(task, manifest, out, **OPTIONS)
+    _Scoring(monkeypatch)
     with pytest.raises(CurateError, match=r"holds the scores of an interrupted filter run with other settings "
-                                          r"\(chunk_rows, mode, texts differ\): run it again as it was"):
+                                          r"\(batch_size, chunk_rows, mode, texts differ\): run it again as it was"):
         filter_images(task, manifest, out, **{**OPTIONS, "mode": "classname", "batch_size": 3})
     scoring = _Scoring(monkeypatch)
     filter_images(task, manifest, out, **{**OPTIONS, "mode": "classname", "overwrite": True})
@@ -133,3 +142,61 @@ def test_a_changed_manifest_is_not_resumed(shapes, tmp_path, monkeypatch):
     pq.write_table(table.slice(0, 11), manifest)
     with pytest.raises(CurateError, match=r"\(manifest_bytes, manifest_mtime_ns, rows differ\)"):
         filter_images(task, manifest, tmp_path / "out", **OPTIONS)
+
+
+def test_another_batch_size_is_not_resumed_even_with_the_same_chunks(shapes, tmp_path, monkeypatch):
+    """Batches of 2 and of 4 make the same 4-row chunks, but not the same batches (scores may differ in the last bits)."""
+    task, manifest = shapes
+    _Scoring(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        filter_images(task, manifest, tmp_path / "out", **OPTIONS)
+    _Scoring(monkeypatch)
+    with pytest.raises(CurateError, match=r"\(batch_size differ\)"):
+        filter_images(task, manifest, tmp_path / "out", **{**OPTIONS, "batch_size": 4})
+
+
+def test_a_chunk_that_cannot_be_read_whole_adds_nothing(shapes, tmp_path, monkeypatch):
+    """A chunk without the phash a decontaminating run needs is scored again, and its read errors are not kept."""
+    task, manifest = shapes
+    options = {**OPTIONS, "decontaminate": _eval_copies(tmp_path, manifest, [9]), "phash_distance": 8, "cosine_threshold": 0.9999}
+    paths = read_manifest(manifest).column("image_path").to_pylist()
+    image = manifest.parent / paths[1]
+    good = image.read_bytes()
+    image.write_bytes(b"not an image")
+    _Scoring(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        filter_images(task, manifest, tmp_path / "out", **options)
+    first = store_folder(tmp_path / "out") / "chunk-000000000000.npz"
+    with np.load(first) as saved:
+        assert saved["bad_rows"].tolist() == [1]
+        kept = {name: saved[name] for name in ("scores", "bad_rows", "bad_errors")}
+    np.savez(first, **kept)  # no phash
+    image.write_bytes(good)
+    scoring = _Scoring(monkeypatch)
+    result = filter_images(task, manifest, tmp_path / "out", **options)
+    assert scoring.rows == 12 and result.counts["unreadable"] == 0
+
+
+def test_a_store_folder_without_chunks_or_fingerprint_is_no_obstacle(shapes, tmp_path, monkeypatch):
+    """Killed between making the folder and writing its fingerprint: nothing was scored, nothing is refused."""
+    task, manifest = shapes
+    store_folder(tmp_path / "out").mkdir()
+    scoring = _Scoring(monkeypatch)
+    filter_images(task, manifest, tmp_path / "out", **OPTIONS)
+    assert scoring.rows == 12 and not store_folder(tmp_path / "out").exists()
+
+
+def test_a_finished_run_of_the_embeddings_path_removes_a_stale_image_store(shapes, tmp_path, monkeypatch):
+    from curate.models import load_clip
+
+    task, manifest = shapes
+    _Scoring(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        filter_images(task, manifest, tmp_path / "out", **OPTIONS)
+    assert store_folder(tmp_path / "out").exists()
+    table = read_manifest(manifest)
+    folder = write_clip_retrieval(tmp_path / "emb", embed_manifest(load_clip("tiny-clip", None), manifest),
+                                  table.column("url").to_pylist())
+    _Scoring(monkeypatch)
+    filter_images(task, manifest, tmp_path / "out", **OPTIONS, embeddings=folder)
+    assert (tmp_path / "out" / "manifest.parquet").exists() and not store_folder(tmp_path / "out").exists()
