@@ -50,6 +50,14 @@ class _Scoring:
         return SCORE(feats, *args, **kwargs)
 
 
+def _killed_run(monkeypatch, batches: int, *args, **options) -> _Scoring:
+    """Run filter_images with a Ctrl-C after `batches` batches; returns a counter of what later runs score."""
+    _Scoring(monkeypatch, stop_after=batches)
+    with pytest.raises(KeyboardInterrupt):
+        filter_images(*args, **options)
+    return _Scoring(monkeypatch)
+
+
 def _same_outputs(one, other, names=("manifest.parquet",)) -> None:
     for name in names:
         assert pq.read_table(one / name).equals(pq.read_table(other / name)), name
@@ -75,13 +83,10 @@ def test_a_killed_image_pass_resumes_where_it_stopped_with_the_same_outputs(shap
     assert not store_folder(tmp_path / "ref").exists()
 
     out = tmp_path / "out"
-    _Scoring(monkeypatch, stop_after=5)
-    with pytest.raises(KeyboardInterrupt):
-        filter_images(task, manifest, out, **options)
+    scoring = _killed_run(monkeypatch, 5, task, manifest, out, **options)
     assert not out.exists()
     assert sorted(p.name for p in store_folder(out).glob("chunk-*")) == ["chunk-000000000000.npz", "chunk-000000000004.npz"]
 
-    scoring = _Scoring(monkeypatch)
     result = filter_images(task, manifest, out, **options)
     assert scoring.rows == 4  # only the chunk at row 8
     assert result.counts == reference.counts
@@ -94,10 +99,7 @@ def test_a_killed_image_pass_resumes_where_it_stopped_with_the_same_outputs(shap
 def test_scores_of_other_settings_are_refused_or_with_overwrite_discarded(shapes, tmp_path, monkeypatch):
     task, manifest = shapes
     out = tmp_path / "out"
-    _Scoring(monkeypatch, stop_after=2)
-    with pytest.raises(KeyboardInterrupt):
-        filter_images(task, manifest, out, **OPTIONS)
-    _Scoring(monkeypatch)
+    _killed_run(monkeypatch, 2, task, manifest, out, **OPTIONS)
     with pytest.raises(CurateError, match=r"holds the scores of an interrupted filter run with other settings "
                                           r"\(batch_size, chunk_rows, mode, texts differ\): run it again as it was"):
         filter_images(task, manifest, out, **{**OPTIONS, "mode": "classname", "batch_size": 3})
@@ -110,10 +112,7 @@ def test_scores_of_other_settings_are_refused_or_with_overwrite_discarded(shapes
 def test_overwrite_keeps_the_scores_of_the_same_settings(shapes, tmp_path, monkeypatch):
     """--overwrite replaces a finished OUT; scores of the same settings are what the run would compute again."""
     task, manifest = shapes
-    _Scoring(monkeypatch, stop_after=2)
-    with pytest.raises(KeyboardInterrupt):
-        filter_images(task, manifest, tmp_path / "out", **OPTIONS)
-    scoring = _Scoring(monkeypatch)
+    scoring = _killed_run(monkeypatch, 2, task, manifest, tmp_path / "out", **OPTIONS)
     filter_images(task, manifest, tmp_path / "out", **OPTIONS, overwrite=True)
     assert scoring.rows == 8
 
@@ -122,12 +121,9 @@ def test_a_damaged_chunk_file_is_scored_again(shapes, tmp_path, monkeypatch):
     task, manifest = shapes
     out = tmp_path / "out"
     filter_images(task, manifest, tmp_path / "ref", **OPTIONS)
-    _Scoring(monkeypatch, stop_after=4)
-    with pytest.raises(KeyboardInterrupt):
-        filter_images(task, manifest, out, **OPTIONS)
+    scoring = _killed_run(monkeypatch, 4, task, manifest, out, **OPTIONS)
     second = store_folder(out) / "chunk-000000000004.npz"
     second.write_bytes(second.read_bytes()[:100])
-    scoring = _Scoring(monkeypatch)
     filter_images(task, manifest, out, **OPTIONS)
     assert scoring.rows == 8
     _same_outputs(out, tmp_path / "ref")
@@ -135,9 +131,7 @@ def test_a_damaged_chunk_file_is_scored_again(shapes, tmp_path, monkeypatch):
 
 def test_a_changed_manifest_is_not_resumed(shapes, tmp_path, monkeypatch):
     task, manifest = shapes
-    _Scoring(monkeypatch, stop_after=2)
-    with pytest.raises(KeyboardInterrupt):
-        filter_images(task, manifest, tmp_path / "out", **OPTIONS)
+    _killed_run(monkeypatch, 2, task, manifest, tmp_path / "out", **OPTIONS)
     table = read_manifest(manifest)
     pq.write_table(table.slice(0, 11), manifest)
     with pytest.raises(CurateError, match=r"\(manifest_bytes, manifest_mtime_ns, rows differ\)"):
@@ -147,10 +141,7 @@ def test_a_changed_manifest_is_not_resumed(shapes, tmp_path, monkeypatch):
 def test_another_batch_size_is_not_resumed_even_with_the_same_chunks(shapes, tmp_path, monkeypatch):
     """Batches of 2 and of 4 make the same 4-row chunks, but not the same batches (scores may differ in the last bits)."""
     task, manifest = shapes
-    _Scoring(monkeypatch, stop_after=2)
-    with pytest.raises(KeyboardInterrupt):
-        filter_images(task, manifest, tmp_path / "out", **OPTIONS)
-    _Scoring(monkeypatch)
+    _killed_run(monkeypatch, 2, task, manifest, tmp_path / "out", **OPTIONS)
     with pytest.raises(CurateError, match=r"\(batch_size differ\)"):
         filter_images(task, manifest, tmp_path / "out", **{**OPTIONS, "batch_size": 4})
 
@@ -163,16 +154,13 @@ def test_a_chunk_that_cannot_be_read_whole_adds_nothing(shapes, tmp_path, monkey
     image = manifest.parent / paths[1]
     good = image.read_bytes()
     image.write_bytes(b"not an image")
-    _Scoring(monkeypatch, stop_after=2)
-    with pytest.raises(KeyboardInterrupt):
-        filter_images(task, manifest, tmp_path / "out", **options)
+    scoring = _killed_run(monkeypatch, 2, task, manifest, tmp_path / "out", **options)
     first = store_folder(tmp_path / "out") / "chunk-000000000000.npz"
     with np.load(first) as saved:
         assert saved["bad_rows"].tolist() == [1]
         kept = {name: saved[name] for name in ("scores", "bad_rows", "bad_errors")}
     np.savez(first, **kept)  # no phash
     image.write_bytes(good)
-    scoring = _Scoring(monkeypatch)
     result = filter_images(task, manifest, tmp_path / "out", **options)
     assert scoring.rows == 12 and result.counts["unreadable"] == 0
 
@@ -190,13 +178,10 @@ def test_a_finished_run_of_the_embeddings_path_removes_a_stale_image_store(shape
     from curate.models import load_clip
 
     task, manifest = shapes
-    _Scoring(monkeypatch, stop_after=2)
-    with pytest.raises(KeyboardInterrupt):
-        filter_images(task, manifest, tmp_path / "out", **OPTIONS)
+    _killed_run(monkeypatch, 2, task, manifest, tmp_path / "out", **OPTIONS)
     assert store_folder(tmp_path / "out").exists()
     table = read_manifest(manifest)
     folder = write_clip_retrieval(tmp_path / "emb", embed_manifest(load_clip("tiny-clip", None), manifest),
                                   table.column("url").to_pylist())
-    _Scoring(monkeypatch)
     filter_images(task, manifest, tmp_path / "out", **OPTIONS, embeddings=folder)
     assert (tmp_path / "out" / "manifest.parquet").exists() and not store_folder(tmp_path / "out").exists()
