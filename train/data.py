@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.choices import MIX_MODES, check_choice
 from curate.errors import CurateError
@@ -143,14 +144,17 @@ def load_train_sources(paths: list[str | Path], class_names: list[str], fraction
 
 def _warn_shared_rows(sources: list[TrainSource]) -> None:
     """Two manifests holding the same uids train on those images twice (a filtered set beside the set it came from)."""
-    seen: set[str] = set()
-    for source in sources:
-        uids = set(source.table.column("uid").to_pylist())
-        shared = len(uids & seen)
+    if len(sources) < 2:
+        return
+    seen = pc.unique(sources[0].table.column("uid").combine_chunks())  # the distinct uids of the manifests so far
+    for index, source in enumerate(sources[1:], start=2):
+        uids = pc.unique(source.table.column("uid").combine_chunks())
+        shared = pc.sum(pc.is_in(uids, value_set=seen)).as_py() or 0
         if shared:
             log.warning("train manifest %s shares %d uid(s) with the manifests before it: those images are trained on "
                         "more than once an epoch", source.path, shared)
-        seen |= uids
+        if index < len(sources):
+            seen = pc.unique(pa.concat_arrays([seen, uids]))
 
 
 def _load_source(path: Path, class_names: list[str], fraction: float, seed: int) -> TrainSource:
