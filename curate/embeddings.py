@@ -55,6 +55,14 @@ class ImageRows:
             return index, blank, np.zeros(8, dtype=np.uint8), f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
+def float16_map(file, shape: tuple[int, int], mode: str = "w+") -> np.ndarray:
+    """(n, d) float16 embeddings in a memory-mapped file (a path or an open file); for n = 0 zeros in memory,
+    since a zero-length file cannot be mapped."""
+    if shape[0] == 0:
+        return np.zeros(shape, dtype=np.float16)
+    return np.memmap(file, mode=mode, dtype=np.float16, shape=shape)
+
+
 def _phash_bytes(image) -> np.ndarray:
     import imagehash
 

@@ -31,7 +31,12 @@ import pyarrow.compute as pc
 
 from curate.choices import FILTER_MODES, check_choice
 from curate.decontaminate import COSINE_THRESHOLD, PHASH_DISTANCE
-from curate.embeddings import ImageRows, iter_image_embeddings, iter_precomputed
+from curate.embeddings import (
+    ImageRows,
+    float16_map,
+    iter_image_embeddings,
+    iter_precomputed,
+)
 from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
 from curate.score_store import ScoreStore, chunk_rows, remove_store
@@ -148,7 +153,8 @@ def filter_images(
             scored = _score_precomputed(table, Path(embeddings), text, columns, spill, bundle.name)
         else:
             reader = dict(batch_size=batch_size, workers=workers, device=device)
-            fingerprint = _score_fingerprint(manifest, table, bundle.name, pretrained, mode, text, batch_size, spill is not None)
+            fingerprint = _score_fingerprint(manifest, table, bundle.name, pretrained, mode, text, batch_size, device,
+                                             spill is not None)
             store = ScoreStore(Path(out), fingerprint, table.num_rows, text.shape[0], spill is not None, overwrite)
             scored = _score_images(table, manifest_dir, bundle, text, columns, store, reader)
         selection = _select(table, scored, threshold, percentile, per_class_cap, seed)
@@ -266,29 +272,30 @@ def score_embeddings(x, text: np.ndarray, columns: np.ndarray | None = None, blo
     return out.numpy()
 
 
-def _new_scored(n: int, dim: int, spill: Path | None) -> _Scored:
-    """Empty results for n rows of precomputed embeddings. With `spill` (a folder; decontamination to come),
-    every row's embedding is kept too, in a nameless memory-mapped file there: 10 M rows of ViT-B-16 are
-    10 GB, of which decontamination reads only the rows that pass the score rule."""
+def _new_scored(n: int, embeddings: np.ndarray | None = None, embeddings_kept: bool = False) -> _Scored:
+    """Empty results for n rows. `embeddings` (n, d), for decontamination to come, is a file's memory map:
+    10 M rows of ViT-B-16 are 10 GB, of which decontamination reads only the rows that pass the score rule.
+    The image path keeps their phash too."""
     return _Scored(
         scores=np.full(n, np.nan, dtype=np.float32),
         unreadable={},
         missing=np.zeros(n, dtype=bool),
-        embeddings=None if spill is None else _spilled_zeros(spill, (n, dim)),
+        embeddings=embeddings,
+        phash=np.zeros((n, 8), dtype=np.uint8) if embeddings_kept else None,
+        embeddings_kept=embeddings_kept,
     )
 
 
 def _spilled_zeros(folder: Path, shape: tuple[int, int]) -> np.ndarray:
     """Zeros in a file with no name (freed when unmapped, even if the process is killed)."""
-    if shape[0] == 0:  # a zero-length file cannot be mapped
-        return np.zeros(shape, dtype=np.float16)
     with tempfile.TemporaryFile(dir=folder) as handle:  # the mapping keeps its own descriptor
-        return np.memmap(handle, mode="w+", dtype=np.float16, shape=shape)
+        return float16_map(handle, shape)
 
 
 def _score_fingerprint(manifest, table, model: str, pretrained, mode: str, text: np.ndarray, batch_size: int,
-                       keep_embeddings: bool) -> dict[str, Any]:
-    """What the image pass's scores depend on (a resumed run must not mix scores of other settings)."""
+                       device: str, decontaminate: bool) -> dict[str, Any]:
+    """What the image pass's scores depend on (a resumed run must not mix scores of other settings): also the
+    kind of device, since CUDA encodes in float16 and the CPU in float32."""
     from manifests.io import manifest_file
 
     path = manifest_file(manifest).resolve()
@@ -296,7 +303,8 @@ def _score_fingerprint(manifest, table, model: str, pretrained, mode: str, text:
     return {"manifest": str(path), "manifest_bytes": stat.st_size, "manifest_mtime_ns": stat.st_mtime_ns,
             "rows": table.num_rows, "model": model, "pretrained": pretrained, "mode": mode,
             "texts": hashlib.sha256(np.ascontiguousarray(text).tobytes()).hexdigest(),
-            "batch_size": batch_size, "chunk_rows": chunk_rows(batch_size), "embeddings": keep_embeddings}
+            "batch_size": batch_size, "chunk_rows": chunk_rows(batch_size), "device": device.split(":")[0],
+            "decontaminate": decontaminate}
 
 
 class _Picked:
@@ -315,9 +323,7 @@ class _Picked:
 def _score_images(table, manifest_dir, bundle, text, columns, store: ScoreStore, reader) -> _Scored:
     """Score the manifest's images, resuming from `store`; each finished chunk of rows is saved there."""
     n = table.num_rows
-    scored = _Scored(scores=np.full(n, np.nan, dtype=np.float32), unreadable={}, missing=np.zeros(n, dtype=bool),
-                     embeddings=store.embeddings, embeddings_kept=store.embeddings is not None,
-                     phash=np.zeros((n, 8), dtype=np.uint8) if store.embeddings is not None else None)
+    scored = _new_scored(n, store.embeddings, embeddings_kept=store.embeddings is not None)
     todo = np.flatnonzero(store.load(scored.scores, scored.unreadable, scored.phash))
     if len(todo) < n:
         log.info("resuming: %d of %d rows were scored by an interrupted run (%s)", n - len(todo), n, store.folder)
@@ -350,7 +356,8 @@ def _record_batch(scored: _Scored, indices, feats, digests, errors, ok, text, co
 def _score_precomputed(table, emb_dir: Path, text, columns, spill: Path | None, model_name: str) -> _Scored:
     if not emb_dir.is_dir():
         raise CurateError(f"embeddings folder not found: {emb_dir}")
-    scored = _new_scored(table.num_rows, text.shape[0], spill)
+    kept = None if spill is None else _spilled_zeros(spill, (table.num_rows, text.shape[0]))
+    scored = _new_scored(table.num_rows, kept)
     for rows, feats in iter_precomputed(table, emb_dir, text.shape[0], model_name):
         scored.scores[rows] = score_embeddings(feats, text, None if columns is None else columns[rows])
         if scored.embeddings is not None:
@@ -425,10 +432,13 @@ def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selecti
     from curate.decontaminate import decontaminate
 
     rows = np.flatnonzero(selection.keep)
-    gather = _copied_rows if scored.embeddings_kept else _front_rows
+    if scored.embeddings_kept:
+        train_embeddings = _copied_rows(scored.embeddings, rows, stage)
+    else:
+        train_embeddings = _front_rows(scored.embeddings, rows)
     result = decontaminate(
         table.take(pa.array(rows)), manifest_dir, eval_dir, bundle=bundle,
-        train_embeddings=gather(scored.embeddings, rows, stage),
+        train_embeddings=train_embeddings,
         train_phash=None if scored.phash is None else scored.phash[rows],
         **options,
     )
@@ -437,7 +447,7 @@ def _run_decontamination(table, manifest_dir, eval_dir, scored: _Scored, selecti
     return result
 
 
-def _front_rows(array: np.ndarray, rows: np.ndarray, _stage: Path, block: int = 65536) -> np.ndarray:
+def _front_rows(array: np.ndarray, rows: np.ndarray, block: int = 65536) -> np.ndarray:
     """array[rows] as a view of the first len(rows) rows, moved there in place (array may be a memory map:
     a fancy-indexed copy would bring every passing row into memory). Safe because rows ascend: a row is
     never overwritten before it is moved."""

@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from curate.embeddings import float16_map
 from curate.errors import CurateError
 from manifests.io import make_folder, write_json
 
 CHUNK_TARGET_ROWS = 65536  # rows per saved chunk (rounded up to whole batches): about a minute of ViT-B-16 on a GPU
 FINGERPRINT = "fingerprint.json"
 EMBEDDINGS = "embeddings.f16"
+CHUNKS = "chunk-*.npz"  # chunk-<first row>.npz; a chunk being written is partial-<first row>.npz
 
 
 def store_folder(out: Path) -> Path:
@@ -65,18 +67,21 @@ class ScoreStore:
             saved = {}
         saved = saved if isinstance(saved, dict) else {}
         differ = sorted(key for key in fingerprint.keys() | saved.keys() if saved.get(key) != fingerprint.get(key))
-        if differ and not overwrite and any(self.folder.glob("chunk-*.npz")):
+        if differ and not overwrite and any(self.folder.glob(CHUNKS)):
             raise CurateError(f"{self.folder} holds the scores of an interrupted filter run with other settings "
                               f"({', '.join(differ)} differ): run it again as it was to resume, or add --overwrite to start over")
         if differ:
             shutil.rmtree(self.folder)
 
     def _embeddings(self, shape: tuple[int, int]) -> np.ndarray:
-        if shape[0] == 0:  # a zero-length file cannot be mapped
-            return np.zeros(shape, dtype=np.float16)
+        """The embeddings file, created anew (and every chunk forgotten, its rows' embeddings being lost)
+        when it is missing or of another size."""
         path = self.folder / EMBEDDINGS
-        mode = "r+" if path.exists() and path.stat().st_size == shape[0] * shape[1] * 2 else "w+"
-        return np.memmap(path, mode=mode, dtype=np.float16, shape=shape)
+        if path.exists() and path.stat().st_size == shape[0] * shape[1] * 2:
+            return float16_map(path, shape, mode="r+")
+        for chunk in self.folder.glob(CHUNKS):
+            chunk.unlink()
+        return float16_map(path, shape)
 
     def _chunk_file(self, start: int) -> Path:
         return self.folder / f"chunk-{start:012d}.npz"
@@ -120,7 +125,7 @@ class ScoreStore:
                   "bad_errors": np.array([unreadable[row] for row in bad], dtype=str)}
         if phash is not None:
             arrays["phash"] = phash[start:end]
-        temporary = self._chunk_file(start).with_suffix(".tmp.npz")
+        temporary = self.folder / f"partial-{start:012d}.npz"
         np.savez(temporary, **arrays)
         os.replace(temporary, self._chunk_file(start))
 

@@ -193,12 +193,17 @@ def read_report(location: str | os.PathLike) -> dict[str, Any]:
     return json.loads(report_file(location).read_text(encoding="utf-8"))
 
 
-def input_task(manifest: str | os.PathLike) -> Any:
-    """The task named by the report beside a stage's input manifest (None when there is none to read)."""
+def input_report(manifest: str | os.PathLike) -> dict[str, Any]:
+    """The report beside a stage's input manifest (or in its folder); {} when there is no readable JSON object."""
     with contextlib.suppress(OSError, ValueError):
         report = read_report(manifest_dir(manifest))
-        return report.get("task") if isinstance(report, dict) else None
-    return None
+        return report if isinstance(report, dict) else {}
+    return {}
+
+
+def input_task(manifest: str | os.PathLike) -> Any:
+    """The task named by the report beside a stage's input manifest (None when there is none to read)."""
+    return input_report(manifest).get("task")
 
 
 def command_line() -> str:

@@ -255,7 +255,7 @@ def test_front_rows_moves_the_chosen_rows_to_the_front_in_place_across_blocks():
     array = np.arange(40, dtype=np.float16).reshape(20, 2)
     rows = np.array([1, 4, 5, 9, 19])
     expected = array[rows].copy()
-    front = _front_rows(array, rows, None, block=2)
+    front = _front_rows(array, rows, block=2)
     assert np.array_equal(front, expected)
     assert front.base is array or np.shares_memory(front, array)
 

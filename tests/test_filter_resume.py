@@ -4,8 +4,10 @@ outputs are those of a run that was never stopped. Offline: tiny-clip on CPU, ge
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers_images import (
@@ -166,12 +168,62 @@ def test_a_chunk_that_cannot_be_read_whole_adds_nothing(shapes, tmp_path, monkey
 
 
 def test_a_store_folder_without_chunks_or_fingerprint_is_no_obstacle(shapes, tmp_path, monkeypatch):
-    """Killed between making the folder and writing its fingerprint: nothing was scored, nothing is refused."""
+    """Killed between making the folder and writing its fingerprint, or while writing its first chunk: nothing was
+    scored, nothing is refused."""
     task, manifest = shapes
     store_folder(tmp_path / "out").mkdir()
+    (store_folder(tmp_path / "out") / "partial-000000000000.npz").write_bytes(b"cut short")
     scoring = _Scoring(monkeypatch)
     filter_images(task, manifest, tmp_path / "out", **OPTIONS)
     assert scoring.rows == 12 and not store_folder(tmp_path / "out").exists()
+
+
+def test_a_run_killed_in_decontamination_resumes_with_the_same_outputs(shapes, tmp_path, monkeypatch):
+    """Decontamination copies the store's embeddings: moving the passing rows to the front in place, as it does
+    with its own spill, would leave the store's rows out of place for the resumed run."""
+    import curate.decontaminate
+
+    task, manifest = shapes
+    options = {**OPTIONS, "decontaminate": _eval_copies(tmp_path, manifest, [9]), "phash_distance": 0,
+               "cosine_threshold": 0.97, "percentile": 50, "threshold": None}
+    filter_images(task, manifest, tmp_path / "ref", **options)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(curate.decontaminate, "decontaminate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            filter_images(task, manifest, tmp_path / "out", **options)
+    scoring = _Scoring(monkeypatch)
+    filter_images(task, manifest, tmp_path / "out", **options)
+    assert scoring.rows == 0
+    _same_outputs(tmp_path / "out", tmp_path / "ref", ("manifest.parquet", "decontamination.parquet"))
+
+
+def test_a_lost_embeddings_file_is_not_taken_for_zeros(shapes, tmp_path, monkeypatch):
+    """Without the embeddings of the saved chunks, their rows are scored again (zeros would miss duplicates)."""
+    task, manifest = shapes
+    options = {**OPTIONS, "decontaminate": _eval_copies(tmp_path, manifest, [1]), "phash_distance": 0,
+               "cosine_threshold": 0.97, "percentile": 50, "threshold": None}
+    filter_images(task, manifest, tmp_path / "ref", **options)
+    scoring = _killed_run(monkeypatch, 4, task, manifest, tmp_path / "out", **options)
+    (store_folder(tmp_path / "out") / "embeddings.f16").unlink()
+    filter_images(task, manifest, tmp_path / "out", **options)
+    assert scoring.rows == 12
+    _same_outputs(tmp_path / "out", tmp_path / "ref", ("manifest.parquet", "decontamination.parquet"))
+
+
+def test_the_kind_of_device_is_part_of_the_fingerprint():
+    """CUDA encodes in float16, the CPU in float32: their scores are not mixed (the GPU's index does not matter)."""
+    from curate.filter import _score_fingerprint
+
+    def fingerprint(device):
+        return _score_fingerprint(manifest_path, table, "tiny-clip", None, "domain", np.eye(2), 8, device, False)
+
+    manifest_path = Path(__file__)
+    table = pa.table({"uid": ["a"]})
+    assert fingerprint("cuda:0") == fingerprint("cuda:1") != fingerprint("cpu")
 
 
 def test_a_finished_run_of_the_embeddings_path_removes_a_stale_image_store(shapes, tmp_path, monkeypatch):

@@ -219,6 +219,23 @@ def test_train_sources_keep_fraction_and_provenance(tmp_path):
     assert source.provenance == {"stage": "download", "task": "t"}
 
 
+@pytest.mark.parametrize("text", ["1", "[1, 2]", "{not json", "null"])
+def test_a_report_that_is_no_json_object_gives_no_provenance(tmp_path, text):
+    path = write_rows(tmp_path / "m", [_row(i, CLASSES[i % 2]) for i in range(4)])
+    (tmp_path / "m" / "report.json").write_text(text, encoding="utf-8")
+    [source] = load_train_sources([path], list(CLASSES))
+    assert source.provenance == {}
+
+
+def test_shared_uids_count_every_manifest_before(tmp_path, caplog):
+    """The third manifest shares uids only with the second: the uids seen so far include it."""
+    rows = [_row(i, CLASSES[i % 2]) for i in range(12)]
+    paths = [write_rows(tmp_path / name, part) for name, part in (("a", rows[:4]), ("b", rows[4:8]), ("c", rows[6:12]))]
+    load_train_sources(paths, list(CLASSES))
+    assert f"train manifest {paths[2]} shares 2 uid(s) with the manifests before it" in caplog.text
+    assert f"train manifest {paths[1]} shares" not in caplog.text
+
+
 def test_manifest_dataset_reads_each_rows_own_image_across_table_chunks(tmp_path):
     from PIL import Image
 

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from curate.choices import MIX_MODES, check_choice
 from curate.errors import CurateError
 from curate.tasks import name_key
-from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest, read_report
+from manifests import IMAGE_LOCATION_COLUMNS, manifest_dir, read_manifest
 from manifests.export import CLASSES_FILE, read_class_folders
 from manifests.images import (
     IMAGE_SUFFIXES,
@@ -33,7 +33,7 @@ from manifests.images import (
     open_image,
     safe_name,
 )
-from manifests.io import manifest_file
+from manifests.io import input_report, manifest_file
 from manifests.uid import seeded_subset_per_class
 
 log = logging.getLogger(__name__)
@@ -201,10 +201,7 @@ def stratified_fraction(uids: list[str], labels: np.ndarray, fraction: float, se
 
 def _provenance(folder: Path) -> dict[str, Any]:
     """The parts of the manifest's report.json that say where its rows came from ({} without a readable one)."""
-    try:
-        report = read_report(folder)
-    except (OSError, ValueError):
-        return {}
+    report = input_report(folder)
     wanted = ("stage", "task", "command", "seed", "seeds", "threshold", "thresholds", "counts", "rows", "generator")
     return {k: report[k] for k in wanted if k in report}
 
