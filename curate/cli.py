@@ -14,7 +14,7 @@ from curate.choices import (
     MULTI_CLASS,
     RESIZE_MODES,
 )
-from curate.console import CONTEXT, Group, configure_logging
+from curate.console import CONTEXT, Group, configure_logging, stop_cleanly_on_sigterm
 from curate.models import DEFAULT_CLIP
 
 
@@ -32,6 +32,7 @@ def cli(verbose: bool) -> None:
 
 
 def main() -> None:
+    stop_cleanly_on_sigterm()
     cli(prog_name="curate")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 
 import click
 
@@ -42,6 +43,16 @@ def command_line(command: str, options: dict) -> str:
             if one is not None and one is not False:
                 flags.append(f"--{name.replace('_', '-')}" + ("" if one is True else f" {shlex.quote(str(one))}"))
     return " ".join([command, *flags])
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """A batch scheduler's SIGTERM (preemption, a time limit) unwinds like Ctrl-C: staging folders are removed,
+    resumable work (download shards, filter scores, finetune epochs) is kept, and the exit status is 143, the
+    signal's. Python's default is to die on the spot and leave the staging folders behind."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def configure_logging(verbose: bool = False) -> None:

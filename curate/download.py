@@ -268,8 +268,10 @@ def _run_img2dataset(input_path: Path, data_dir: Path, options: dict[str, Any]) 
     try:
         with _stdout_to_stderr():
             img2dataset_download(url_list=str(input_path), output_folder=str(data_dir), **options)
-    except SystemExit:  # img2dataset's SIGINT handler calls sys.exit(0): that is an interruption, not success
-        raise KeyboardInterrupt from None
+    except SystemExit as exit_:  # img2dataset's SIGINT handler calls sys.exit(0): an interruption, not success
+        if exit_.code in (0, None):
+            raise KeyboardInterrupt from None
+        raise  # our SIGTERM's (console.stop_cleanly_on_sigterm) keeps its status
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)

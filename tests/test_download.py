@@ -286,8 +286,10 @@ def test_interrupted_output_with_no_resume_is_refused(source_manifest, tmp_path)
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_only_missing_shards(tmp_path):
-    """Ctrl-C (SIGINT) a real `curate download` after its first shard; the re-run fetches only the rest."""
+@pytest.mark.parametrize(("signal_name", "status", "said"), [("SIGINT", 1, "\nAborted!\n"), ("SIGTERM", 143, "")])
+def test_interrupted_run_resumes_only_missing_shards(tmp_path, signal_name, status, said):
+    """Ctrl-C (SIGINT), or a scheduler's SIGTERM, to a real `curate download` after its first shard; the re-run
+    fetches only the rest."""
     import os
     import signal
     import subprocess
@@ -313,9 +315,9 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path):
         while not (out / "images" / "00000_stats.json").exists() and time.monotonic() < deadline:
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, signal_name))
         _, stderr = process.communicate(timeout=60)
-        assert process.returncode == 1 and "\nAborted!\n" in stderr.decode(), stderr.decode()[-2000:]
+        assert process.returncode == status and said in stderr.decode(), stderr.decode()[-2000:]
         assert not (out / "manifest.parquet").exists()
         done = sorted(p.name[:5] for p in (out / "images").glob("*_stats.json"))
         assert 1 <= len(done) < 4

@@ -4,6 +4,10 @@ outputs are those of a run that was never stopped. Offline: tiny-clip on CPU, ge
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +241,35 @@ def test_a_finished_run_of_the_embeddings_path_removes_a_stale_image_store(shape
                                   table.column("url").to_pylist())
     filter_images(task, manifest, tmp_path / "out", **OPTIONS, embeddings=folder)
     assert (tmp_path / "out" / "manifest.parquet").exists() and not store_folder(tmp_path / "out").exists()
+
+
+SLOW_FILTER = """
+import sys, time
+import curate.embeddings, curate.score_store
+curate.score_store.CHUNK_TARGET_ROWS = 4
+read = curate.embeddings.ImageRows.__getitem__
+curate.embeddings.ImageRows.__getitem__ = lambda self, index: (time.sleep(0.2), read(self, index))[1]
+from curate.cli import main
+sys.argv = ["curate", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_sigterm_stops_like_ctrl_c_and_the_run_resumes(shapes, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM (preemption) unwinds: exit status 143, no staging folder left, the saved chunks kept
+    for the next run. Python's default died on the spot and left the staging folder."""
+    task, manifest = shapes
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", SLOW_FILTER, "filter", "-t", str(task), "-m", str(manifest), "-o", str(out),
+               "--clip-model", "tiny-clip", "--device", "cpu", "--workers", "0", "--batch-size", "2", "--threshold", "-1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = store_folder(out) / "chunk-000000000000.npz"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert first.exists() and not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    scoring = _Scoring(monkeypatch)
+    filter_images(task, manifest, out, **OPTIONS)
+    assert 0 < scoring.rows <= 8

@@ -7,7 +7,7 @@ import sys
 import click
 
 from curate.choices import KEEP_CHECKPOINTS, MIX_MODES, PRECISIONS, SELECT_BY
-from curate.console import CONTEXT, Command, configure_logging
+from curate.console import CONTEXT, Command, configure_logging, stop_cleanly_on_sigterm
 from curate.models import DEFAULT_CLIP
 
 
@@ -66,6 +66,7 @@ def cli(compile_: bool | None, no_resume: bool, **options) -> None:
 
 def main() -> None:
     configure_logging()  # under `curate finetune-and-probe` the curate group has done this (with its -v)
+    stop_cleanly_on_sigterm()
     cli(prog_name="finetune-and-probe")
 
 
