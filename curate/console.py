@@ -50,6 +50,9 @@ def stop_cleanly_on_sigterm() -> None:
     resumable work (download shards, filter scores, finetune epochs) is kept, and the exit status is 143, the
     signal's. Python's default is to die on the spot and leave the staging folders behind."""
     def stop(signum, _frame):
+        # the DataLoader workers of the same process group got it too: their deaths are no error now (PyTorch's
+        # SIGCHLD handler would print one from the loader's clean-up)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
