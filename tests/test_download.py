@@ -310,14 +310,16 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path, signal_name, stat
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
         process = subprocess.Popen([sys.executable, "-m", "curate.cli", *args], cwd=root, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 120
         while not (out / "images" / "00000_stats.json").exists() and time.monotonic() < deadline:
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
-        process.send_signal(getattr(signal, signal_name))
+        os.killpg(process.pid, getattr(signal, signal_name))  # as a terminal or a scheduler does: the whole group
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == status and said in stderr.decode(), stderr.decode()[-2000:]
+        if signal_name == "SIGTERM":
+            assert "Traceback" not in stderr.decode(), stderr.decode()[-2000:]
         assert not (out / "manifest.parquet").exists()
         done = sorted(p.name[:5] for p in (out / "images").glob("*_stats.json"))
         assert 1 <= len(done) < 4
