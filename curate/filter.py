@@ -81,6 +81,7 @@ class _Scored:
     embeddings: np.ndarray | None = None  # float16 (n, d), kept only for decontamination, in a file (see _new_scored)
     phash: np.ndarray | None = None  # uint8 (n, 8), image path only
     embeddings_kept: bool = False  # the embeddings are the score store's, which a resumed run reads again
+    resumed: int = 0  # rows whose results an interrupted run had saved
 
 
 def filter_images(
@@ -325,8 +326,9 @@ def _score_images(table, manifest_dir, bundle, text, columns, store: ScoreStore,
     n = table.num_rows
     scored = _new_scored(n, store.embeddings, embeddings_kept=store.embeddings is not None)
     todo = np.flatnonzero(store.load(scored.scores, scored.unreadable, scored.phash))
-    if len(todo) < n:
-        log.info("resuming: %d of %d rows were scored by an interrupted run (%s)", n - len(todo), n, store.folder)
+    scored.resumed = n - len(todo)
+    if scored.resumed:
+        log.info("resuming: %d of %d rows were scored by an interrupted run (%s)", scored.resumed, n, store.folder)
     if len(todo):
         pending = list(np.unique(todo // store.chunk) * store.chunk)[::-1]  # starts of the chunks to score, last first
         dataset = ImageRows(_Picked(image_rows(table), todo), manifest_dir, bundle.preprocess_val, bundle.image_size,
@@ -526,8 +528,9 @@ def _report(table, scored: _Scored, selection: _Selection, kept, decon, settings
         "histogram": _histogram(scored.scores, kept),
         "unreadable_rows": _unreadable_rows(table, scored.unreadable),
         "decontamination": None if decon is None else decon.summary(),
+        "rows_resumed": scored.resumed,  # scored by an interrupted run, not in this run's seconds
         "seconds": round(seconds, 3),
-        "rows_per_s": round(table.num_rows / seconds, 1) if seconds > 0 else None,
+        "rows_per_s": round((table.num_rows - scored.resumed) / seconds, 1) if seconds > 0 else None,
     }
 
 

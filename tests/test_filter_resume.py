@@ -97,6 +97,7 @@ def test_a_killed_image_pass_resumes_where_it_stopped_with_the_same_outputs(shap
     result = filter_images(task, manifest, out, **options)
     assert scoring.rows == 4  # only the chunk at row 8
     assert result.counts == reference.counts
+    assert (result.report["rows_resumed"], reference.report["rows_resumed"]) == (8, 0)
     _same_outputs(out, tmp_path / "ref", ("manifest.parquet", "decontamination.parquet") if decontaminate else ("manifest.parquet",))
     if decontaminate:
         assert result.report["decontamination"]["counts"]["eval_phash"] == 2
