@@ -32,8 +32,8 @@ def cli(verbose: bool) -> None:
 
 
 def main() -> None:
-    stop_cleanly_on_sigterm()
-    cli(prog_name="curate")
+    with stop_cleanly_on_sigterm():
+        cli(prog_name="curate")
 
 
 # ---------------------------------------------------------------- tasks

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
 import shlex
 import signal
+import sys
+import threading
+from collections.abc import Iterator
 
 import click
 
@@ -45,17 +50,41 @@ def command_line(command: str, options: dict) -> str:
     return " ".join([command, *flags])
 
 
-def stop_cleanly_on_sigterm() -> None:
-    """A batch scheduler's SIGTERM (preemption, a time limit) unwinds like Ctrl-C: staging folders are removed,
-    resumable work (download shards, filter scores, finetune epochs) is kept, and the exit status is 143, the
-    signal's. Python's default is to die on the spot and leave the staging folders behind."""
+@contextlib.contextmanager
+def stop_cleanly_on_sigterm() -> Iterator[None]:
+    """Run a command so that a batch scheduler's SIGTERM (preemption, a time limit) unwinds it like Ctrl-C:
+    staging folders are removed, resumable work (download shards, filter scores, finetune epochs) is kept, and
+    the exit status is 143, the signal's. Python's default is to die on the spot and leave the staging folders.
+
+    Whatever the unwinding turns the exit into (an import's class body makes it a RuntimeError), the status is
+    143 without a traceback; an exit swallowed by a finalizer (`__del__`, a weakref callback) is raised again.
+    After the block a late SIGTERM ends the process at once, as by default."""
+    received: list[int] = []
+
     def stop(signum, _frame):
+        received.append(signum)
         # the DataLoader workers of the same process group got it too: their deaths are no error now (PyTorch's
         # SIGCHLD handler would print one from the loader's clean-up)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise SystemExit(128 + signum)
 
+    def unraisable(hook_args) -> None:
+        if received and isinstance(hook_args.exc_value, SystemExit):  # raised in a finalizer, which drops it
+            threading.Timer(0.01, _thread.interrupt_main, (received[-1],)).start()  # not from the hook: dropped again
+        else:
+            previous_hook(hook_args)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except BaseException:
+        if received:
+            raise SystemExit(128 + received[0]) from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sys.unraisablehook = previous_hook
 
 
 def configure_logging(verbose: bool = False) -> None:

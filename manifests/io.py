@@ -239,9 +239,27 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out.exists() or out.is_symlink():
-        remove_output(out)
-    os.replace(staging, out)
+    _swap_in(staging, out)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put `staging` in the place of `out`. The old output is renamed aside first and deleted last, so an
+    interruption (Ctrl-C, SIGTERM) leaves the old output or the new one whole, never half of one and a staging
+    folder (deleting a large old output first took long enough to be interrupted)."""
+    aside = None
+    try:
+        if out.exists() or out.is_symlink():
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+            aside.rmdir()  # a free name beside `out`: the rename below takes it
+            os.replace(out, aside)
+        os.replace(staging, out)
+    except BaseException:
+        if aside is not None and not (out.exists() or out.is_symlink()):
+            os.replace(aside, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if aside is not None:
+        remove_output(aside)
 
 
 def clear_output(out: Path, inputs: Iterable[str | os.PathLike]) -> None:

@@ -174,6 +174,40 @@ def test_staged_output_dir_only_appears_on_success(tmp_path):
         pass
 
 
+@pytest.mark.parametrize("interrupted", ["placing the new output", "deleting the old one"])
+def test_an_interrupted_overwrite_leaves_one_whole_output_and_no_staging(tmp_path, monkeypatch, interrupted):
+    """Ctrl-C or SIGTERM at the very end of --overwrite: the old output deleted first was left half gone, beside
+    the staging folder."""
+    import manifests.io
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(5):
+        (out / f"old{i}.txt").write_text("old")
+    calls, replace = [], os.replace
+
+    def stopped_at_second_rename(*args):  # 1: the old output aside, 2: the new one in place
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return replace(*args)
+
+    def stopped(_path):
+        raise KeyboardInterrupt
+
+    if interrupted == "placing the new output":
+        monkeypatch.setattr(os, "replace", stopped_at_second_rename)
+    else:
+        monkeypatch.setattr(manifests.io, "remove_output", stopped)
+    with pytest.raises(KeyboardInterrupt), staged_output_dir(out, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if interrupted == "placing the new output":
+        assert left == ["out"] and sorted(os.listdir(out)) == [f"old{i}.txt" for i in range(5)]
+    else:
+        assert os.listdir(out) == ["new.txt"] and [n[:14] for n in left] == [".out.replaced-", "out"]
+
+
 def test_staged_output_replaces_a_link_not_its_target_and_names_a_blocked_path(tmp_path):
     target = tmp_path / "target"
     target.mkdir()

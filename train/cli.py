@@ -66,8 +66,8 @@ def cli(compile_: bool | None, no_resume: bool, **options) -> None:
 
 def main() -> None:
     configure_logging()  # under `curate finetune-and-probe` the curate group has done this (with its -v)
-    stop_cleanly_on_sigterm()
-    cli(prog_name="finetune-and-probe")
+    with stop_cleanly_on_sigterm():
+        cli(prog_name="finetune-and-probe")
 
 
 if __name__ == "__main__":  # pragma: no cover
