@@ -17,8 +17,6 @@ import dataclasses
 import logging
 import os
 import pickle
-import socket
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +185,9 @@ def _resolve(name: str, pretrained: str | None) -> tuple[str, str | None]:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers at all: without a network its client retries every weight file for
     about 25 s before failing. A proxy in the environment is trusted (a direct connection would not tell)."""
+    import socket
+    import urllib.parse
+
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
