@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.errors import CurateError
 from curate.models import DEFAULT_CLIP
@@ -138,9 +139,22 @@ def decontaminate(
 
 def _first_row_per_url(table: pa.Table) -> np.ndarray:
     """Per row, the first row with its URL (itself when it has none, or no url column)."""
-    urls = table.column("url").to_pylist() if "url" in table.column_names else [None] * table.num_rows
-    first: dict[str, int] = {}
-    return np.array([first.setdefault(url, row) if url else row for row, url in enumerate(urls)], dtype=np.int64)
+    rows = np.arange(table.num_rows, dtype=np.int64)
+    if "url" not in table.column_names or not table.num_rows:
+        return rows
+    urls = table.column("url").combine_chunks()
+    with_url = pc.fill_null(pc.greater(pc.binary_length(urls), 0), False).to_numpy(zero_copy_only=False)
+    codes = pc.fill_null(pc.index_in(urls, value_set=pc.unique(urls)), -1).to_numpy(zero_copy_only=False)
+    rows[with_url] = _first_row_of_group(codes[with_url], rows[with_url])
+    return rows
+
+
+def _first_row_of_group(groups: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each of `rows` (ascending), the first of the rows in its group."""
+    _, first = np.unique(groups, return_index=True)
+    lookup = np.zeros(int(groups.max()) + 1 if len(groups) else 0, dtype=np.int64)
+    lookup[groups[first]] = rows[first]
+    return lookup[groups]
 
 
 def _printable(path: str) -> str:
@@ -339,15 +353,10 @@ class _Finder:
 
     def _first_alive_copies(self) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """(alive rows that are the first alive row of their URL, [(later alive row, that first row)])."""
-        firsts: dict[int, int] = {}
-        rows, copies = [], []
-        for row in np.flatnonzero(self.alive).tolist():
-            first = firsts.setdefault(int(self.copy_of[row]), row)
-            if first == row:
-                rows.append(row)
-            else:
-                copies.append((row, first))
-        return np.asarray(rows, dtype=np.int64), copies
+        alive = np.flatnonzero(self.alive)
+        first = _first_row_of_group(self.copy_of[alive], alive)
+        later = first != alive
+        return alive[~later], list(zip(alive[later].tolist(), first[later].tolist(), strict=True))
 
     def _within_block(self, metric: _Metric, block: np.ndarray, vectors: np.ndarray) -> None:
         index = metric.index(vectors.shape[1])
