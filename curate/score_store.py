@@ -22,7 +22,7 @@ import numpy as np
 
 from curate.embeddings import float16_map
 from curate.errors import CurateError
-from manifests.io import make_folder, write_json
+from manifests.io import changed_settings, make_folder, write_json
 
 CHUNK_TARGET_ROWS = 65536  # rows per saved chunk (rounded up to whole batches): about a minute of ViT-B-16 on a GPU
 FINGERPRINT = "fingerprint.json"
@@ -65,8 +65,7 @@ class ScoreStore:
             saved = json.loads((self.folder / FINGERPRINT).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             saved = {}
-        saved = saved if isinstance(saved, dict) else {}
-        differ = sorted(key for key in fingerprint.keys() | saved.keys() if saved.get(key) != fingerprint.get(key))
+        differ = changed_settings(saved, fingerprint)
         if differ and not overwrite and any(self.folder.glob(CHUNKS)):
             raise CurateError(f"{self.folder} holds the scores of an interrupted filter run with other settings "
                               f"({', '.join(differ)} differ): run it again as it was to resume, or add --overwrite to start over")

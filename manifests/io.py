@@ -193,6 +193,14 @@ def read_report(location: str | os.PathLike) -> dict[str, Any]:
     return json.loads(report_file(location).read_text(encoding="utf-8"))
 
 
+def changed_settings(saved: Any, current: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between settings saved as JSON (anything not an object: all of them) and
+    `current` (compared as JSON would store it), sorted."""
+    saved = saved if isinstance(saved, dict) else {}
+    current = json.loads(json.dumps(current, default=str))
+    return sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+
+
 def input_report(manifest: str | os.PathLike) -> dict[str, Any]:
     """The report beside a stage's input manifest (or in its folder); {} when there is no readable JSON object."""
     with contextlib.suppress(OSError, ValueError):

@@ -254,15 +254,13 @@ def _input_paths(run: _Run) -> Iterator[str | Path]:
 
 
 def _check_resumable(out: Path, fingerprint: dict[str, Any], resume: bool) -> None:
-    from manifests.io import REPORT_NAME
+    from manifests.io import REPORT_NAME, changed_settings
 
     if (out / REPORT_NAME).exists() or not (out / SETTINGS_FILE).exists():
         raise CurateError(f"output directory {out} already exists (use --overwrite to replace it)")
     if not resume:
         raise CurateError(f"output directory {out} holds an interrupted run (resume it, or use --overwrite)")
-    saved = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
-    current = json.loads(json.dumps(fingerprint, default=str))
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    changed = changed_settings(json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8")), fingerprint)
     if changed:
         raise CurateError(f"{out} holds an interrupted run with other settings ({', '.join(changed)}); use --overwrite")
 
