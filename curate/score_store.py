@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -22,12 +21,12 @@ import numpy as np
 
 from curate.embeddings import float16_map
 from curate.errors import CurateError
-from manifests.io import changed_settings, make_folder, write_json
+from manifests.io import atomic_write, changed_settings, make_folder, write_json
 
 CHUNK_TARGET_ROWS = 65536  # rows per saved chunk (rounded up to whole batches): about a minute of ViT-B-16 on a GPU
 FINGERPRINT = "fingerprint.json"
 EMBEDDINGS = "embeddings.f16"
-CHUNKS = "chunk-*.npz"  # chunk-<first row>.npz; a chunk being written is partial-<first row>.npz
+CHUNKS = "chunk-*.npz"  # chunk-<first row>.npz; one being written is a hidden temporary file (atomic_write)
 
 
 def store_folder(out: Path) -> Path:
@@ -124,7 +123,9 @@ class ScoreStore:
                   "bad_errors": np.array([unreadable[row] for row in bad], dtype=str)}
         if phash is not None:
             arrays["phash"] = phash[start:end]
-        temporary = self.folder / f"partial-{start:012d}.npz"
-        np.savez(temporary, **arrays)
-        os.replace(temporary, self._chunk_file(start))
+        atomic_write(self._chunk_file(start), lambda temporary: _save_arrays(temporary, arrays))
 
+
+def _save_arrays(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a file, not a name: np.savez would add ".npz" to one
+        np.savez(handle, **arrays)
