@@ -180,15 +180,18 @@ def read_class_folders(folder: Path) -> dict[str, str] | None:
 
 
 def _class_folders(table: pa.Table) -> dict[tuple[int, str], str]:
-    """(label, class_name) -> a distinct, file-system-safe folder name."""
+    """(label, class_name) -> a file-system-safe folder name, distinct as the eval scanner compares folder names
+    (curate.tasks.name_key: case aside and in one Unicode form, as macOS writes names)."""
+    from curate.tasks import name_key
+
     pairs = table.select(["label", "class_name"]).group_by(["label", "class_name"]).aggregate([]).to_pylist()
     folders: dict[tuple[int, str], str] = {}
     taken: set[str] = set()
     for pair in sorted(pairs, key=lambda p: (p["label"], p["class_name"])):
         folder = safe_name(pair["class_name"]) or f"class_{pair['label']}"
-        while folder.casefold() in taken:
+        while name_key(folder) in taken:
             folder = f"{folder}_{pair['label']}"
-        taken.add(folder.casefold())
+        taken.add(name_key(folder))
         folders[(pair["label"], pair["class_name"])] = folder
     return folders
 

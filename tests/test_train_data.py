@@ -160,6 +160,21 @@ def test_eval_folder_exported_with_classes_txt_keeps_labels_two_names_share_a_fo
         scan_eval_folder(tmp_path / "ev", list(names))
 
 
+def test_classes_whose_folders_differ_only_in_unicode_form_keep_their_labels(tmp_path):
+    """'café/x' (composed) and 'cafe\u0301:x' (decomposed) became the folders café_x and cafe\u0301_x, which the
+    scanner, comparing names in one Unicode form, took for one: class 0's images were labelled 1."""
+    from helpers_images import make_image_manifest
+
+    from manifests.export import export_manifest
+
+    names = ("caf\u00e9/x", "cafe\u0301:x")
+    for split in ("train", "val", "test"):
+        manifest = make_image_manifest(tmp_path / "src", per_class=[1, 2], classes=names, folder=split)
+        export_manifest(manifest, "imagefolder", tmp_path / "ev" / split)
+    samples = scan_eval_folder(tmp_path / "ev", list(names))
+    assert {split: sorted(label for _, label in rows) for split, rows in samples.items()} == {s: [0, 1, 1] for s in samples}
+
+
 def test_classes_txt_folders_compare_as_class_names_do(tmp_path):
     """macOS writes the exported folder 'café_x' decomposed: classes.txt still says which class it is."""
     root = _folder(tmp_path / "ev", classes=["cafe\u0301_x"])
