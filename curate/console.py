@@ -39,7 +39,7 @@ class Command(ReportsErrors, click.Command):
     pass
 
 
-def command_line(command: str, options: dict) -> str:
+def format_command(command: str, options: dict) -> str:
     """The command line that passes `options` (keyword arguments named as the options are; a list repeats its
     option): what a demo prints must be what it runs."""
     flags = []

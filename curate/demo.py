@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.console import command_line
+from curate.console import format_command
 from curate.errors import CurateError
 from curate.localserver import serve_directory
 from curate.sample_metadata import write_laion_sample
@@ -61,7 +61,7 @@ def _retrieve(out: Path, task: Task, rows: int, url_prefix: str, echo) -> Path:
     echo(f"[1/6] writing {rows:,} rows of LAION-schema sample metadata to {out / 'metadata'}")
     write_laion_sample(out / "metadata", rows, task.class_names, plant_rate=0.02, files=2, seed=0, url_prefix=url_prefix)
     options = {"task": DEMO_TASK, "metadata": [str(out / "metadata")], "out": out / "retrieved"}
-    echo("[2/6] " + command_line("curate retrieve", options))
+    echo("[2/6] " + format_command("curate retrieve", options))
     result = retrieve(**options)
     echo(result.summary())
     return out / "retrieved" / "manifest.parquet"
@@ -100,7 +100,7 @@ def _download(out: Path, manifest: Path, echo) -> Path:
 
     options = {"manifest": manifest, "out": out / "downloaded", "processes": 1, "threads": 8, "image_size": IMAGE_SIZE,
                "samples_per_shard": 200, "timeout": 5}
-    echo("[4/6] " + command_line("curate download", options))
+    echo("[4/6] " + format_command("curate download", options))
     result = download(**options)
     echo(result.summary())
     return out / "downloaded" / "manifest.parquet"
@@ -121,7 +121,7 @@ def _filter(out: Path, manifest: Path, eval_dir: Path, echo) -> Path:
     # instead of the protocol's absolute threshold (0.2 with ViT-B-16), and only flags exact duplicates.
     options = {"task": DEMO_TASK, "manifest": manifest, "out": out / "filtered", "clip_model": "tiny-clip", "percentile": 80,
                "decontaminate": eval_dir / "test", "cosine_threshold": 0.9999, "workers": 0, "device": "cpu"}
-    echo("[5/6] " + command_line("curate filter", options))
+    echo("[5/6] " + format_command("curate filter", options))
     result = filter_images(**options)
     echo(result.summary())
     return out / "filtered" / "manifest.parquet"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from curate.console import command_line
+from curate.console import format_command
 from train.finetune import FinetuneResult, finetune_and_probe
 from train.synthetic_world import write_eval_folder
 
@@ -39,7 +39,7 @@ def demo_finetune(
         eval_data = demo_eval_folder(out, task.class_names, per_class=eval_per_class)
     options = {"train": [str(m) for m in manifests], "eval_task": eval_task, "eval_data": str(eval_data), "out": str(out / "finetune"), "model": "tiny-clip",
                "epochs": epochs, "lr": 1e-3, "batch_size": 32, "warmup": 0, "workers": 0, "device": "cpu", "overwrite": overwrite}
-    echo(command_line("finetune-and-probe", options))
+    echo(format_command("finetune-and-probe", options))
     result = finetune_and_probe(**options)
     echo(result.summary())
     return result
