@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import math
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from manifests.images import iter_images, safe_name
 from manifests.io import (
     MANIFEST_NAME,
     UMASK,
+    finite_json,
     input_task,
     manifest_dir,
     manifest_inputs,
@@ -87,18 +87,7 @@ def _csv_cell(value: Any) -> str | None:
 
 
 def _json_text(value: Any) -> str:
-    return json.dumps(_finite(value), ensure_ascii=False, default=_json_value, allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities as None: JSON has no literal for them (JSON.parse and strict readers refuse `NaN`)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
+    return json.dumps(finite_json(value), ensure_ascii=False, default=_json_value, allow_nan=False)
 
 
 def _json_value(value: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -169,9 +170,20 @@ class ManifestWriter:
             self._discard()
 
 
+def finite_json(value: Any) -> Any:
+    """NaN and infinities as None: JSON has no literal for them (JSON.parse and strict readers refuse `NaN`)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write JSON atomically, pretty-printed, keys in insertion order."""
-    text = json.dumps(data, indent=2, default=_json_default) + "\n"
+    """Write JSON atomically, pretty-printed, keys in insertion order; NaN and infinities as null."""
+    text = json.dumps(finite_json(data), indent=2, default=_json_default) + "\n"
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 

@@ -252,3 +252,16 @@ def test_image_rows_build_each_rows_dict_on_access_and_hold_no_python_object_per
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(rows) == n and peak < 1_000_000  # row dicts would be ~30 MB (Arrow buffers are not traced)
+
+
+def test_reports_write_nan_and_infinities_as_null(tmp_path):
+    """JSON has no NaN: JSON.parse and strict readers refused a report holding one."""
+    import json
+
+    write_report(tmp_path, {"stage": "test", "loss": float("nan"), "nested": {"best": [1.5, float("inf")]}})
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    report = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert (report["loss"], report["nested"]) == (None, {"best": [1.5, None]})
