@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,6 +25,8 @@ from manifests.schema import REQUIRED_COLUMNS, manifest_schema, validate
 MANIFEST_NAME = "manifest.parquet"
 REPORT_NAME = "report.json"
 ROW_GROUP_ROWS = 64 * 1024  # rows per row group of a manifest written piece by piece
+STAGING_INFIX, ASIDE_INFIX = ".partial-", ".replaced-"  # hidden folders beside an output: `.OUT.partial-*`, ...
+log = logging.getLogger(__name__)
 
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread runs
@@ -252,14 +256,51 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
     if out.exists():
         refuse_inputs_inside(out, inputs)
     make_folder(out.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o777 & ~UMASK)  # mkdtemp makes it private (0700); the output is an ordinary folder
+    remove_leftovers(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))
+    with _held(staging, wait=True):  # so that another run does not take it for a leftover
+        staging.chmod(0o777 & ~UMASK)  # mkdtemp makes it private (0700); the output is an ordinary folder
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _swap_in(staging, out)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Delete what runs killed outright (SIGKILL, out of memory, a lost node) left beside `out`: their staging
+    folders and old outputs set aside, which are hidden and can be large. A folder that a live run holds stays."""
+    pattern = glob.escape(f".{out.name}")
+    for folder in sorted([*out.parent.glob(pattern + STAGING_INFIX + "*"), *out.parent.glob(pattern + ASIDE_INFIX + "*")]):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        with contextlib.suppress(OSError), _held(folder) as held:
+            if held:
+                log.warning("removing %s, left by an interrupted run", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _held(folder: Path, wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive lock on `folder` during the block; yield whether it is held. Without `wait`, a lock that
+    another process holds is not waited for. The lock goes with its process, so a killed run's folder is free.
+    Where there are no locks (Windows, some network file systems), nothing is held."""
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _swap_in(staging, out)
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
+        except OSError:  # held by another process, or locks not supported here
+            held = False
+        yield held
+    finally:
+        os.close(handle)
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -269,7 +310,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     aside = None
     try:
         if out.exists() or out.is_symlink():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE_INFIX}", dir=out.parent))
             aside.rmdir()  # a free name beside `out`: the rename below takes it
             os.replace(out, aside)
         os.replace(staging, out)
@@ -278,8 +319,11 @@ def _swap_in(staging: Path, out: Path) -> None:
             os.replace(aside, out)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if aside is not None:
+    if aside is not None and (aside.is_symlink() or not aside.is_dir()):
         remove_output(aside)
+    elif aside is not None:
+        with contextlib.suppress(FileNotFoundError), _held(aside, wait=True):  # not found: another run took it for a leftover
+            remove_output(aside)
 
 
 def clear_output(out: Path, inputs: Iterable[str | os.PathLike]) -> None:

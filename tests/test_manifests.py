@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -206,6 +207,53 @@ def test_an_interrupted_overwrite_leaves_one_whole_output_and_no_staging(tmp_pat
         assert left == ["out"] and sorted(os.listdir(out)) == [f"old{i}.txt" for i in range(5)]
     else:
         assert os.listdir(out) == ["new.txt"] and [n[:14] for n in left] == [".out.replaced-", "out"]
+
+
+STAGING_HOLDER = """
+import sys, time
+from manifests.io import staged_output_dir
+with staged_output_dir(sys.argv[1]) as staging:
+    (staging / "half.txt").write_text("x")
+    print(staging, flush=True)
+    time.sleep(120)
+"""
+
+
+def _start_staging(out):
+    """A process filling a staging folder for `out`, and that folder."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", STAGING_HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    return process, Path(process.stdout.readline().strip())
+
+
+def test_a_killed_runs_hidden_leftovers_are_removed_and_a_live_runs_staging_stays(tmp_path, caplog):
+    """SIGKILL (out of memory, a scheduler's last word) left `.OUT.partial-*` beside OUT for good: hidden, and as
+    large as the output."""
+    import signal
+
+    out = tmp_path / "out"
+    live, live_staging = _start_staging(out)
+    killed, killed_staging = _start_staging(out)
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(30)
+        aside = tmp_path / ".out.replaced-abc"  # an old output whose deletion was interrupted
+        aside.mkdir()
+        (aside / "old.txt").write_text("old")
+        other = tmp_path / ".out2.partial-abc"  # another output's
+        other.mkdir()
+        assert killed_staging.is_dir() and (live_staging / "half.txt").exists()
+        with caplog.at_level("WARNING", logger="manifests.io"), staged_output_dir(out) as staging:
+            write_report(staging, {"stage": "test"})
+        assert not killed_staging.exists() and not aside.exists()
+        assert (live_staging / "half.txt").exists() and other.is_dir() and (out / "report.json").exists()
+        assert sorted(r.getMessage() for r in caplog.records) == [
+            f"removing {folder}, left by an interrupted run" for folder in sorted([killed_staging, aside])]
+    finally:
+        live.kill()
+        live.wait(30)
 
 
 def test_staged_output_replaces_a_link_not_its_target_and_names_a_blocked_path(tmp_path):
