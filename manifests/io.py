@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -271,9 +272,10 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
 def remove_leftovers(out: Path) -> None:
     """Delete what runs killed outright (SIGKILL, out of memory, a lost node) left beside `out`: their staging
     folders and old outputs set aside, which are hidden and can be large. A folder that a live run holds stays."""
-    pattern = glob.escape(f".{out.name}")
-    for folder in sorted([*out.parent.glob(pattern + STAGING_INFIX + "*"), *out.parent.glob(pattern + ASIDE_INFIX + "*")]):
-        if folder.is_symlink() or not folder.is_dir():
+    # mkdtemp's names: the prefix, then 8 of [a-z0-9_]
+    ours = re.compile(re.escape(f".{out.name}") + f"({re.escape(STAGING_INFIX)}|{re.escape(ASIDE_INFIX)})[a-z0-9_]{{8}}")
+    for folder in sorted(out.parent.glob(glob.escape(f".{out.name}.") + "*")):
+        if not ours.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
             continue
         with contextlib.suppress(OSError), _held(folder) as held:
             if held:

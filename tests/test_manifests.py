@@ -239,16 +239,17 @@ def test_a_killed_runs_hidden_leftovers_are_removed_and_a_live_runs_staging_stay
     try:
         killed.send_signal(signal.SIGKILL)
         killed.wait(30)
-        aside = tmp_path / ".out.replaced-abc"  # an old output whose deletion was interrupted
+        aside = tmp_path / ".out.replaced-abcd_123"  # an old output whose deletion was interrupted
         aside.mkdir()
         (aside / "old.txt").write_text("old")
-        other = tmp_path / ".out2.partial-abc"  # another output's
-        other.mkdir()
+        others = [tmp_path / ".out2.partial-abcd_123", tmp_path / ".out.partial-mine"]  # another output's, a user's
+        for other in others:
+            other.mkdir()
         assert killed_staging.is_dir() and (live_staging / "half.txt").exists()
         with caplog.at_level("WARNING", logger="manifests.io"), staged_output_dir(out) as staging:
             write_report(staging, {"stage": "test"})
         assert not killed_staging.exists() and not aside.exists()
-        assert (live_staging / "half.txt").exists() and other.is_dir() and (out / "report.json").exists()
+        assert (live_staging / "half.txt").exists() and all(o.is_dir() for o in others) and (out / "report.json").exists()
         assert sorted(r.getMessage() for r in caplog.records) == [
             f"removing {folder}, left by an interrupted run" for folder in sorted([killed_staging, aside])]
     finally:
