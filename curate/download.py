@@ -40,10 +40,12 @@ from manifests.export import IMG2DATASET_FILE
 from manifests.io import (
     MANIFEST_NAME,
     atomic_write,
-    clear_output,
+    folder_lock,
     input_task,
     make_folder,
     read_manifest,
+    refuse_inputs_inside,
+    remove_output,
     write_json,
     write_manifest,
     write_report,
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = "download_state.json"
 FAILED_NAME = "failed.parquet"
+NOT_WEB_URL = "not an http(s) url"
 _RESULT_COLUMNS = ["uid", "key", "status", "error_message", "width", "height", "sha256"]
 _ROW = "__row"
 # img2dataset's encode_quality: a quality for jpg and webp, but a compression level (0-9) for png, where its default
@@ -113,7 +116,7 @@ def download(
     interrupted run and re-running the same command resumes it (`resume=True`), fetching only the
     unfinished shards; the rows and the shard-shaping options (image size, resize mode, encode and
     output format, samples per shard) must be the same, else it is refused (use `overwrite`).
-    `overwrite` deletes OUT first. Rows without a URL are not sent; they are listed as failed.
+    `overwrite` deletes OUT first. Rows without an http(s) URL are not sent; they are listed as failed.
 
     Returns a DownloadResult. The output manifest has one row per image that arrived, in input
     order, every input column plus `image_path` (files) or `shard` + `key` (webdataset, paths
@@ -129,29 +132,32 @@ def download(
         "number_sample_per_shard": samples_per_shard, "timeout": timeout, "retries": retries,
     })
     table = _read_input(Path(manifest))
-    sendable = table.filter(_has_url(table))
+    sendable = table.filter(pc.is_null(_unsent_reason(table)))
     out = Path(out)
-    resumed = _prepare_out(out, _fingerprint(sendable, options), overwrite=overwrite, resume=resume, source=manifest)
-    data_dir = out / DATA_FOLDERS[output_format]
-    shard_names = [f"{i:05d}" for i in range(math.ceil(sendable.num_rows / samples_per_shard))]
-    done_before = _finished_shards(data_dir, shard_names)
-    timing = {"seconds": 0.0}
-    if len(done_before) < len(shard_names):
-        _remove_partial_shards(data_dir, shard_names, done_before)
-        _write_parquet(sendable.select(["url", "caption", "uid"]), out / IMG2DATASET_FILE)
-        timing = _run_img2dataset(out / IMG2DATASET_FILE, data_dir, options)
-    results = _collect_results(data_dir, shard_names, sendable.num_rows)
-    downloaded, failed = _split_results(table, results, output_format, encode_format)
-    report = _report(table, downloaded, failed, results, manifest, options, resumed)
-    report["shards"] = {
-        "total": len(shard_names), "skipped": len(done_before), "samples_per_shard": samples_per_shard,
-    }
-    report["throughput"] = _throughput(data_dir, [s for s in shard_names if s not in done_before], timing)
-    report["seconds"] = round(time.perf_counter() - start, 3)
-    _finish(out, downloaded, failed, report)
-    return DownloadResult(
-        out, table.num_rows, downloaded.num_rows, failed.num_rows, report["seconds"], len(shard_names), len(done_before)
-    )
+    _check_no_glob(out)
+    with contextlib.ExitStack() as held:  # OUT stays locked until the download ends: a second run into it is refused
+        resumed = _prepare_out(out, _fingerprint(sendable, options), overwrite=overwrite, resume=resume,
+                               source=manifest, held=held)
+        data_dir = out / DATA_FOLDERS[output_format]
+        shard_names = [f"{i:05d}" for i in range(math.ceil(sendable.num_rows / samples_per_shard))]
+        done_before = _finished_shards(data_dir, shard_names)
+        timing = {"seconds": 0.0}
+        if len(done_before) < len(shard_names):
+            _remove_partial_shards(data_dir, shard_names, done_before)
+            _write_parquet(sendable.select(["url", "caption", "uid"]), out / IMG2DATASET_FILE)
+            timing = _run_img2dataset(out / IMG2DATASET_FILE, data_dir, options)
+        results = _collect_results(data_dir, shard_names, sendable.num_rows)
+        downloaded, failed = _split_results(table, results, output_format, encode_format)
+        report = _report(table, downloaded, failed, results, manifest, options, resumed)
+        report["shards"] = {
+            "total": len(shard_names), "skipped": len(done_before), "samples_per_shard": samples_per_shard,
+        }
+        report["throughput"] = _throughput(data_dir, [s for s in shard_names if s not in done_before], timing)
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        _finish(out, downloaded, failed, report)
+        return DownloadResult(
+            out, table.num_rows, downloaded.num_rows, failed.num_rows, report["seconds"], len(shard_names), len(done_before)
+        )
 
 
 def _img2dataset_options(chosen: dict[str, Any]) -> dict[str, Any]:
@@ -188,9 +194,13 @@ def _read_input(manifest: Path) -> pa.Table:
     return table.append_column(_ROW, pa.array(range(table.num_rows), pa.int64()))
 
 
-def _has_url(table: pa.Table) -> pa.ChunkedArray:
+def _unsent_reason(table: pa.Table) -> pa.ChunkedArray:
+    """Per row, why its URL is not sent to img2dataset (null: it is sent). img2dataset opens URLs with urllib,
+    which would also read file: (local files) and data: URLs; only the web's are fetched."""
     url = pc.utf8_trim_whitespace(table.column("url"))
-    return pc.fill_null(pc.not_equal(url, ""), False)
+    missing = pc.fill_null(pc.equal(url, ""), True)
+    web = pc.fill_null(pc.match_substring_regex(url, "^https?://", ignore_case=True), False)
+    return pc.if_else(missing, "missing url", pc.if_else(web, pa.scalar(None, pa.string()), NOT_WEB_URL))
 
 
 def _fingerprint(sendable: pa.Table, options: dict[str, Any]) -> str:
@@ -204,19 +214,43 @@ def _fingerprint(sendable: pa.Table, options: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _prepare_out(out: Path, fingerprint: str, overwrite: bool, resume: bool, source: str | os.PathLike) -> bool:
-    """Create, clear or accept OUT for resuming (see `download`); returns True when resuming."""
+def _prepare_out(out: Path, fingerprint: str, overwrite: bool, resume: bool, source: str | os.PathLike,
+                 held: contextlib.ExitStack) -> bool:
+    """Create, clear or accept OUT for resuming (see `download`), and lock it in `held`; returns True when resuming."""
     if out.exists() and not out.is_dir():
         raise CurateError(f"output path {out} exists and is not a folder")
+    if out.exists():
+        refuse_inputs_inside(out, [source])
+        _lock(out, held)
     if out.exists() and overwrite:
-        clear_output(out, [source])
+        remove_output(out)
     if out.exists() and any(out.iterdir()):
         _check_resumable(out, fingerprint, resume)
         log.info("resuming the interrupted download in %s", out)
         return True
-    make_folder(out)
+    if not out.exists():
+        make_folder(out)
+        _lock(out, held)
     write_json({"stage": "download", "fingerprint": fingerprint}, out / STATE_NAME)
     return False
+
+
+def _lock(out: Path, held: contextlib.ExitStack) -> None:
+    try:
+        held.enter_context(folder_lock(out))
+    except BlockingIOError:
+        raise CurateError(f"another curate download is writing to {out}: wait for it to end, or choose another --out") from None
+    except OSError as exc:
+        raise CurateError(f"cannot open output folder {out}: {exc.strerror or exc}") from None
+
+
+def _check_no_glob(out: Path) -> None:
+    """img2dataset finds the finished shards with a glob of its output folder: glob characters in the path would
+    match other folders, and their shards would be taken for this run's."""
+    path = os.path.abspath(out)
+    if any(char in path for char in "*?["):
+        raise CurateError(f"output path {path} holds a glob character (* ? [), which img2dataset would take for a "
+                          "pattern; choose another --out")
 
 
 def _check_resumable(out: Path, fingerprint: str, resume: bool) -> None:
@@ -230,6 +264,8 @@ def _check_resumable(out: Path, fingerprint: str, resume: bool) -> None:
         ) from None
     if not resume:
         raise CurateError(f"output directory {out} holds an interrupted download (resume it, or use --overwrite)")
+    if not isinstance(state, dict):
+        raise CurateError(f"output directory {out} already exists and is not a download folder (use --overwrite)")
     if state.get("fingerprint") != fingerprint:
         raise CurateError(
             f"output directory {out} holds an interrupted download of other rows or image options (use --overwrite)"
@@ -275,6 +311,7 @@ def _run_img2dataset(input_path: Path, data_dir: Path, options: dict[str, Any]) 
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
+        shutil.rmtree(data_dir / "_tmp", ignore_errors=True)  # img2dataset's copy of the input shards (SIGTERM skips its clean-up)
     return {"seconds": time.perf_counter() - start}
 
 
@@ -310,7 +347,11 @@ def _collect_results(data_dir: Path, shard_names: list[str], expected_rows: int)
         )
     tables = []
     for name in shard_names:
-        part = pq.read_table(data_dir / f"{name}.parquet", columns=_RESULT_COLUMNS)
+        try:
+            part = pq.read_table(data_dir / f"{name}.parquet", columns=_RESULT_COLUMNS)
+        except (OSError, pa.ArrowException) as exc:  # e.g. a shard marked done whose results are gone
+            raise CurateError(f"img2dataset output in {data_dir} is damaged: shard {name}'s results cannot be read "
+                              f"({exc}); use --overwrite") from None
         tables.append(part.append_column("shard_name", pa.array([name] * part.num_rows, pa.string())))
     schema = pa.schema([
         ("uid", pa.string()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
@@ -357,10 +398,11 @@ def _failed_rows(table: pa.Table, failed_results: pa.Table) -> pa.Table:
     attempted = table.take(failed_results.column(_ROW)).select(columns)
     attempted = attempted.append_column("status", failed_results.column("status"))
     attempted = attempted.append_column("error_message", failed_results.column("error_message"))
-    no_url = table.filter(pc.invert(_has_url(table))).select(columns)
-    no_url = no_url.append_column("status", pa.array(["skipped"] * no_url.num_rows, pa.string()))
-    no_url = no_url.append_column("error_message", pa.array(["missing url"] * no_url.num_rows, pa.string()))
-    return pa.concat_tables([attempted, no_url]).sort_by(_ROW).drop_columns([_ROW])
+    unsent = _unsent_reason(table)
+    skipped = table.filter(pc.is_valid(unsent)).select(columns)
+    skipped = skipped.append_column("status", pa.array(["skipped"] * skipped.num_rows, pa.string()))
+    skipped = skipped.append_column("error_message", unsent.filter(pc.is_valid(unsent)))
+    return pa.concat_tables([attempted, skipped]).sort_by(_ROW).drop_columns([_ROW])
 
 
 def _report(table, downloaded, failed, results, manifest, options, resumed) -> dict[str, Any]:
@@ -375,7 +417,8 @@ def _report(table, downloaded, failed, results, manifest, options, resumed) -> d
         "resumed": resumed,
         "counts": {
             "input_rows": table.num_rows,
-            "missing_url": table.num_rows - results.num_rows,
+            "missing_url": _count(_unsent_reason(table), "missing url"),
+            "not_web_url": _count(_unsent_reason(table), NOT_WEB_URL),
             "attempted": results.num_rows,
             "success": downloaded.num_rows,
             "failed": failed.num_rows,
@@ -386,6 +429,10 @@ def _report(table, downloaded, failed, results, manifest, options, resumed) -> d
         "per_class": _per_class(table, downloaded),
         "img2dataset": dict(options),
     }
+
+
+def _count(values: pa.ChunkedArray, value: str) -> int:
+    return pc.sum(pc.equal(values, value), min_count=0).as_py()
 
 
 def _per_class(table: pa.Table, downloaded: pa.Table) -> list[dict[str, Any]]:

@@ -259,7 +259,7 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
     make_folder(out.parent)
     remove_leftovers(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))
-    with _held(staging, wait=True):  # so that another run does not take it for a leftover
+    with folder_lock(staging, wait=True):  # so that another run does not take it for a leftover
         staging.chmod(0o777 & ~UMASK)  # mkdtemp makes it private (0700); the output is an ordinary folder
         try:
             yield staging
@@ -277,17 +277,17 @@ def remove_leftovers(out: Path) -> None:
     for folder in sorted(out.parent.glob(glob.escape(f".{out.name}.") + "*")):
         if not ours.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
             continue
-        with contextlib.suppress(OSError), _held(folder) as held:
+        with contextlib.suppress(OSError), folder_lock(folder) as held:  # OSError: held by a live run, or gone
             if held:
                 log.warning("removing %s, left by an interrupted run", folder)
                 shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def _held(folder: Path, wait: bool = False) -> Iterator[bool]:
-    """Hold an exclusive lock on `folder` during the block; yield whether it is held. Without `wait`, a lock that
-    another process holds is not waited for. The lock goes with its process, so a killed run's folder is free.
-    Where there are no locks (Windows, some network file systems), nothing is held."""
+def folder_lock(folder: Path, wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive lock on `folder` during the block. Without `wait`, raise BlockingIOError if another
+    process holds it. The lock goes with its process, so a killed run's folder is free. Yields False where
+    there are no locks (Windows, some network file systems): nothing is held then."""
     try:
         import fcntl
     except ImportError:
@@ -298,7 +298,9 @@ def _held(folder: Path, wait: bool = False) -> Iterator[bool]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             held = True
-        except OSError:  # held by another process, or locks not supported here
+        except BlockingIOError:
+            raise
+        except OSError:  # no locks on this file system
             held = False
         yield held
     finally:
@@ -324,7 +326,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     if aside is not None and (aside.is_symlink() or not aside.is_dir()):
         remove_output(aside)
     elif aside is not None:
-        with contextlib.suppress(FileNotFoundError), _held(aside, wait=True):  # not found: another run took it for a leftover
+        with contextlib.suppress(FileNotFoundError), folder_lock(aside, wait=True):  # not found: another run took it for a leftover
             remove_output(aside)
 
 

@@ -123,7 +123,7 @@ def test_download_failed_list_and_report(source_manifest, files_run):
     assert (by_name[""]["status"], by_name[""]["error_message"]) == ("skipped", "missing url")
 
     report = read_report(out)
-    assert report["counts"] == {"input_rows": 29, "missing_url": 1, "attempted": 28, "success": 24, "failed": 5,
+    assert report["counts"] == {"input_rows": 29, "missing_url": 1, "not_web_url": 0, "attempted": 28, "success": 24, "failed": 5,
                                 "failed_to_download": 3, "failed_to_resize": 1}
     assert report["top_errors"][0] == {"error": "HTTP Error 404: File not found", "count": 3}
     assert {e["error"] for e in report["top_errors"]} == {"HTTP Error 404: File not found", "Image decoding error", "missing url"}
@@ -277,6 +277,69 @@ def test_bad_input_and_options(tmp_path, source_manifest):
     assert not (tmp_path / "x").exists()
 
 
+def test_only_web_urls_are_fetched(server, tmp_path):
+    """img2dataset opens URLs with urllib: file: URLs read local files, data: URLs decode inline bytes, and both
+    became "downloaded" images."""
+    import base64
+
+    folder, base_url, log = server
+    private = tmp_path / "private.jpg"
+    shutil.copy(folder / "img-00.jpg", private)
+    inline = "data:image/jpeg;base64," + base64.b64encode(private.read_bytes()).decode()
+    urls = [f"{base_url}/img-02.jpg", private.as_uri(), inline, f"{base_url.replace('http', 'HTTP', 1)}/img-04.jpg",
+            "ftp://127.0.0.1/x.jpg"]
+    manifest = tmp_path / "m.parquet"
+    write_manifest(pa.table({"uid": [f"u{i}" for i in range(5)], "label": [0] * 5, "class_name": ["x"] * 5,
+                             "source": ["retrieved"] * 5, "caption": ["c"] * 5, "url": urls}), manifest)
+    log.clear()
+    result = _cli(*_download_args(manifest, tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "out").column("uid").to_pylist() == ["u0", "u3"]
+    assert sorted(log.paths) == ["/img-02.jpg", "/img-04.jpg"]
+    failed = pq.read_table(tmp_path / "out" / "failed.parquet").select(["uid", "status", "error_message"]).to_pylist()
+    assert failed == [{"uid": f"u{i}", "status": "skipped", "error_message": "not an http(s) url"} for i in (1, 2, 4)]
+    counts = read_report(tmp_path / "out")["counts"]
+    assert (counts["missing_url"], counts["not_web_url"], counts["attempted"]) == (0, 3, 2)
+
+
+def test_out_with_glob_characters_is_refused(source_manifest, tmp_path):
+    """img2dataset found finished shards with a glob: out 'exp[1]' took exp1's finished shards for its own."""
+    out = tmp_path / "exp[1]"
+    assert_cli_error(_cli(*_download_args(source_manifest[0], out)),
+                     f"curate: error: output path {out} holds a glob character (* ? [)", out)
+
+
+def test_a_second_download_into_a_folder_being_written_is_refused(source_manifest, files_run, tmp_path):
+    """Two runs into one folder deleted each other's shards; one left a shard marked done without its results."""
+    from manifests.io import folder_lock
+
+    out = tmp_path / "busy"
+    shutil.copytree(files_run[0], out)
+    (out / "manifest.parquet").unlink()
+    (out / "images/00001_stats.json").unlink()
+    with folder_lock(out):  # as the live run holds it
+        result = _cli(*_download_args(source_manifest[0], out))
+    assert_cli_error(result, f"curate: error: another curate download is writing to {out}: wait for it to end")
+    assert (out / "images/00001.parquet").exists()  # its shards untouched
+
+    (out / "images/00001.parquet").unlink()
+    (out / "images/00001_stats.json").write_text("{}")  # a shard marked done whose results are gone
+    assert_cli_error(_cli(*_download_args(source_manifest[0], out)),
+                     f"curate: error: img2dataset output in {out / 'images'} is damaged: shard 00001's results cannot be read")
+
+
+def test_an_output_holding_the_input_or_a_foreign_state_is_named(source_manifest, tmp_path):
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    own = inside / "manifest.parquet"
+    shutil.copy(source_manifest[0], own)  # not a "finished download", and --overwrite would not help
+    assert_cli_error(_cli("--manifest", str(own), "--out", str(inside)), f"output directory {inside} holds the input {own}")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "download_state.json").write_text("[]")
+    assert_cli_error(_cli(*_download_args(source_manifest[0], odd)), f"output directory {odd} already exists and is not a download folder")
+
+
 def test_interrupted_output_with_no_resume_is_refused(source_manifest, tmp_path):
     out = tmp_path / "half"
     out.mkdir()
@@ -320,7 +383,7 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path, signal_name, stat
         assert process.returncode == status and said in stderr.decode(), stderr.decode()[-2000:]
         if signal_name == "SIGTERM":
             assert "Traceback" not in stderr.decode(), stderr.decode()[-2000:]
-        assert not (out / "manifest.parquet").exists()
+        assert not (out / "manifest.parquet").exists() and not (out / "images" / "_tmp").exists()
         done = sorted(p.name[:5] for p in (out / "images").glob("*_stats.json"))
         assert 1 <= len(done) < 4
         first_requests = set(log.paths)
