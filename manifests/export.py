@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,10 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from manifests.images import iter_images, safe_name
+from manifests.images import iter_images, rebase_images, safe_name
 from manifests.io import (
     MANIFEST_NAME,
+    REPORT_NAME,
     UMASK,
     finite_json,
     input_task,
@@ -52,6 +54,7 @@ def export_img2dataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[s
     if "url" not in table.column_names:
         raise CurateError("img2dataset export needs a 'url' column (a retrieved manifest)")
     extra = [c for c in table.column_names if c not in ("url", "caption")]
+    table = rebase_images(table, manifest_dir, out)
     pq.write_table(table.select(["url", "caption", *extra]), out / IMG2DATASET_FILE)
     saved = [c for c in extra if c not in IMG2DATASET_RESERVED]
     script = (
@@ -66,7 +69,9 @@ def export_img2dataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[s
 
 
 def export_csv(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
-    """Every column as it is; those CSV has no cell for (lists, structs, bytes) as JSON text."""
+    """Every column as it is (image paths relative to the export); those CSV has no cell for (lists, structs,
+    bytes) as JSON text."""
+    table = rebase_images(table, manifest_dir, out)
     for index, field in enumerate(table.schema):
         if not _csv_writes(field.type):
             cells = [_csv_cell(value) for value in table.column(index).to_pylist()]
@@ -98,6 +103,8 @@ def _json_value(value: Any) -> Any:
 
 
 def export_jsonl(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
+    """One JSON object per row (image paths relative to the export)."""
+    table = rebase_images(table, manifest_dir, out)
     with open(out / "manifest.jsonl", "w", encoding="utf-8") as handle:
         for batch in table.to_batches(max_chunksize=10_000):
             for row in batch.to_pylist():
@@ -117,7 +124,7 @@ def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[st
     # a fixed member time: the same manifest exports to the same bytes (tar members carry the time otherwise)
     with wds.ShardWriter(pattern, maxcount=SAMPLES_PER_TAR, verbose=0, mtime=0) as sink:
         for row, data, ext in iter_images(table, manifest_dir):
-            key = _unique(safe_name(str(row["uid"]).replace(".", "_")), keys, row)
+            key = _unique(_stem(row, keep_dots=False), keys, row)
             meta = {k: v for k, v in row.items() if k not in ("label", "caption", *IMAGE_LOCATION_COLUMNS)}
             sample = {"__key__": key, ext: data, "cls": row["label"], "txt": row["caption"] or ""}
             sink.write({**sample, "json": _json_text(meta).encode("utf-8")})
@@ -129,19 +136,19 @@ def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[st
 
 def export_imagefolder(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
     """OUT/<class folder>/<uid>.<ext> with the image bytes as stored, and classes.txt
-    (`label<TAB>class_name<TAB>folder` per class, by label). Folder names are the class names made
-    safe for file systems; torchvision's ImageFolder numbers folders in sorted order, so map its
-    indices back to labels through classes.txt."""
+    (`label<TAB>class_name<TAB>folder` per class, by label; a backslash, tab or line break in a class name
+    written as \\, \t, \n, \r). Folder names are the class names made safe for file systems; torchvision's
+    ImageFolder numbers folders in sorted order, so map its indices back to labels through classes.txt."""
     folders = _class_folders(table)
-    lines = [f"{label}\t{name}\t{folder}" for (label, name), folder in sorted(folders.items())]
-    (out / CLASSES_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    lines = [f"{label}\t{_escaped(name)}\t{folder}" for (label, name), folder in sorted(folders.items())]
+    (out / CLASSES_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8", newline="\n")
     for folder in folders.values():
         (out / folder).mkdir()
     written: set[str] = set()
     paths = []
     for row, data, ext in iter_images(table, manifest_dir):
         folder = folders[(row["label"], row["class_name"])]
-        paths.append(_unique(f"{folder}/{safe_name(str(row['uid']))}.{ext}", written, row))
+        paths.append(_unique(f"{folder}/{_stem(row)}.{ext}", written, row))
         (out / paths[-1]).write_bytes(data)
     _write_relocated(table, out, {"image_path": paths})
     return [CLASSES_FILE, *sorted(f"{folder}/" for folder in folders.values()), MANIFEST_NAME]
@@ -161,11 +168,24 @@ def read_class_folders(folder: Path) -> dict[str, str] | None:
     listing = folder / CLASSES_FILE
     if not listing.is_file():
         return None
-    rows = [line.split("\t") for line in listing.read_text(encoding="utf-8").splitlines() if line]
+    with open(listing, encoding="utf-8", newline="") as handle:  # lines end at \n only, as written
+        rows = [line.split("\t") for line in handle.read().split("\n") if line]
     if not rows or any(len(row) != 3 or not row[0].isdigit() for row in rows):
         log.warning("%s is not a curate export's classes.txt (label, class name, folder): folders are read by name", listing)
         return None
-    return {sub: name for _, name, sub in rows}
+    return {sub: _unescaped(name) for _, name, sub in rows}
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {escaped[1]: char for char, escaped in _ESCAPES.items()}
+
+
+def _escaped(name: str) -> str:
+    return re.sub(r"[\\\t\n\r]", lambda match: _ESCAPES[match.group()], name)
+
+
+def _unescaped(name: str) -> str:
+    return re.sub(r"\\([\\tnr])", lambda match: _UNESCAPES[match.group(1)], name)
 
 
 def _class_folders(table: pa.Table) -> dict[tuple[int, str], str]:
@@ -175,7 +195,7 @@ def _class_folders(table: pa.Table) -> dict[tuple[int, str], str]:
 
     pairs = table.select(["label", "class_name"]).group_by(["label", "class_name"]).aggregate([]).to_pylist()
     folders: dict[tuple[int, str], str] = {}
-    taken: set[str] = set()
+    taken = {name_key(name) for name in (CLASSES_FILE, MANIFEST_NAME, REPORT_NAME)}  # the export's own files
     for pair in sorted(pairs, key=lambda p: (p["label"], p["class_name"])):
         folder = safe_name(pair["class_name"]) or f"class_{pair['label']}"
         while name_key(folder) in taken:
@@ -183,6 +203,15 @@ def _class_folders(table: pa.Table) -> dict[tuple[int, str], str]:
         taken.add(name_key(folder))
         folders[(pair["label"], pair["class_name"])] = folder
     return folders
+
+
+def _stem(row: dict, keep_dots: bool = True) -> str:
+    """A row's exported file name (or webdataset key, which must hold no '.'): its uid made safe for file names."""
+    uid = str(row["uid"])
+    stem = safe_name(uid if keep_dots else uid.replace(".", "_"))
+    if not stem:
+        raise CurateError(f"uid {uid!r} leaves no exported name once characters unsafe in file names are replaced")
+    return stem
 
 
 def _unique(name: str, seen: set[str], row: dict) -> str:

@@ -258,7 +258,10 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
         refuse_inputs_inside(out, inputs)
     make_folder(out.parent)
     remove_leftovers(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))
+    except OSError as exc:  # no permission, a read-only or special file system (/proc), ...
+        raise CurateError(f"cannot create a folder in {out.parent} for {out}: {exc.strerror or exc}") from None
     with folder_lock(staging, wait=True):  # so that another run does not take it for a leftover
         staging.chmod(0o777 & ~UMASK)  # mkdtemp makes it private (0700); the output is an ordinary folder
         try:

@@ -84,6 +84,8 @@ def validate(table: pa.Table, where: str = "manifest") -> pa.Table:
     for name in ("uid", "label", "class_name", "source"):
         if table.column(name).null_count:
             raise CurateError(f"{where} has empty values in column '{name}'")
+    if pc.any(pc.equal(pc.utf8_trim_whitespace(table.column("uid")), "")).as_py():  # a key, a file name in exports
+        raise CurateError(f"{where} has empty values in column 'uid'")
     labels = table.column("label")
     if len(labels) and pc.min(labels).as_py() < 0:
         raise CurateError(f"{where} has a negative label")

@@ -274,3 +274,62 @@ def test_export_of_a_manifest_without_images_fails_cleanly(tmp_path):
         assert_cli_error(result, "curate: error: manifest has no images: run curate download first", out)
         assert result.stderr.strip() == "curate: error: manifest has no images: run curate download first"
         assert not list(tmp_path.glob(f".out-{fmt}*"))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "img2dataset"])
+def test_table_exports_find_the_images_from_where_the_export_lies(tmp_path, fmt):
+    """image_path stayed relative to the source manifest's folder: none of them existed beside manifest.csv."""
+    import pandas as pd
+
+    manifest = files_manifest(tmp_path / "runs" / "downloaded")
+    out = tmp_path / "exports" / fmt
+    assert _export(manifest, fmt, out).exit_code == 0
+    if fmt == "csv":
+        paths = pd.read_csv(out / "manifest.csv")["image_path"].tolist()
+    elif fmt == "jsonl":
+        paths = pd.read_json(out / "manifest.jsonl", lines=True)["image_path"].tolist()
+    else:
+        paths = pq.read_table(out / "img2dataset_input.parquet").column("image_path").to_pylist()
+    assert paths[0] == "../../runs/downloaded/images/00000/000000.jpg"
+    assert [(out / path).read_bytes() for path in paths] == [_payload(i)[0] for i in range(12)]
+
+
+def test_imagefolder_class_names_that_are_the_exports_files_or_hold_tabs(tmp_path):
+    """Class 'classes.txt' crashed the export (a folder where the file goes); a tab or line break in a name made
+    classes.txt unreadable, and every class lost its folder's label."""
+    from manifests.export import read_class_folders
+
+    names = ["classes.txt", "Manifest.parquet", "report.json", "dog\tbreed", "two\nlines", "back\\slash \\t", "cat"]
+    table = pq.read_table(files_manifest(tmp_path / "m"))
+    labels = [i % len(names) for i in range(table.num_rows)]
+    table = table.set_column(1, "label", pa.array(labels, pa.int32()))
+    table = table.set_column(2, "class_name", pa.array([names[label] for label in labels]))
+    pq.write_table(table, tmp_path / "m" / "manifest.parquet")
+    out = tmp_path / "folders"
+    result = _export(tmp_path / "m" / "manifest.parquet", "imagefolder", out)
+    assert result.exit_code == 0, result.output
+    folders = read_class_folders(out)
+    assert sorted(folders.values()) == sorted(names)
+    assert {name: folder for folder, name in folders.items()}["classes.txt"] == "classes.txt_0"
+    assert (out / "classes.txt").is_file() and (out / "manifest.parquet").is_file() and (out / "report.json").is_file()
+    assert sum(1 for folder in folders if (out / folder).is_dir()) == len(names)
+
+
+@pytest.mark.parametrize(("uid", "message"), [("", "has empty values in column 'uid'"), (" ", "has empty values in column 'uid'"),
+                                              ("..", "uid '..' leaves no exported name")])
+def test_a_uid_that_leaves_no_file_name_is_refused(tmp_path, uid, message):
+    """An empty uid was written as the tar members '.jpg', '.cls', ...: webdataset read the sample as nothing."""
+    manifest = files_manifest(tmp_path / "m")
+    table = pq.read_table(manifest)
+    pq.write_table(table.set_column(0, "uid", pa.array([uid, *table.column("uid").to_pylist()[1:]])), manifest)
+    for fmt in ("webdataset", "imagefolder") if uid == ".." else ("webdataset",):
+        out = tmp_path / f"out-{fmt}"
+        if fmt == "webdataset" and uid == "..":
+            assert _export(manifest, fmt, out).exit_code == 0  # '..' is key '__'
+            continue
+        assert_cli_error(_export(manifest, fmt, out), message, out)
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_error(tmp_path):
+    manifest = files_manifest(tmp_path / "m")
+    assert_cli_error(_export(manifest, "csv", Path("/proc/curate-export")), "cannot create a folder in /proc for /proc/curate-export")
