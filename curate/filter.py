@@ -297,12 +297,9 @@ def _score_fingerprint(manifest, table, model: str, pretrained, mode: str, text:
                        device: str, decontaminate: bool) -> dict[str, Any]:
     """What the image pass's scores depend on (a resumed run must not mix scores of other settings): also the
     kind of device, since CUDA encodes in float16 and the CPU in float32."""
-    from manifests.io import manifest_file
+    from manifests.io import manifest_stamp
 
-    path = manifest_file(manifest).resolve()
-    stat = path.stat()
-    return {"manifest": str(path), "manifest_bytes": stat.st_size, "manifest_mtime_ns": stat.st_mtime_ns,
-            "rows": table.num_rows, "model": model, "pretrained": pretrained, "mode": mode,
+    return {**manifest_stamp(manifest), "rows": table.num_rows, "model": model, "pretrained": pretrained, "mode": mode,
             "texts": hashlib.sha256(np.ascontiguousarray(text).tobytes()).hexdigest(),
             "batch_size": batch_size, "chunk_rows": chunk_rows(batch_size), "device": device.split(":")[0],
             "decontaminate": decontaminate}

@@ -84,6 +84,14 @@ def manifest_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def manifest_stamp(path: str | os.PathLike) -> dict[str, Any]:
+    """Which manifest file, and which version of it (size and time written): what a resumable stage's fingerprint
+    holds so that a rerun notices a manifest rewritten under the same name."""
+    file = manifest_file(path).resolve()
+    stat = file.stat()
+    return {"manifest": str(file), "manifest_bytes": stat.st_size, "manifest_mtime_ns": stat.st_mtime_ns}
+
+
 def _columns_to_read(file: pq.ParquetFile, columns: Iterable[str] | None) -> list[str] | None:
     if columns is None:
         return None

@@ -109,7 +109,7 @@ def test_resume_after_a_kill_gives_the_same_metrics(reference, world, tmp_path, 
         finetune_and_probe(**kwargs)
     assert [h["epoch"] for h in _history(out)] == [0, 1, 2] and not (out / "report.json").exists()
     monkeypatch.setattr(train.checkpoint, "save_checkpoint", real_save)
-    with pytest.raises(CurateError, match="other settings \\(lr\\)"):
+    with pytest.raises(CurateError, match="other settings or inputs \\(lr\\)"):
         finetune_and_probe(**{**kwargs, "lr": 5e-4})
     resumed = finetune_and_probe(**kwargs)
     assert [h["epoch"] for h in _history(out)] == [0, 1, 2, 3]  # epoch 2 ran again, its stale line dropped
@@ -119,6 +119,59 @@ def test_resume_after_a_kill_gives_the_same_metrics(reference, world, tmp_path, 
     assert losses == [h["train_loss"] for h in _history(reference.out)[1:]]
     with pytest.raises(CurateError, match="already exists"):
         finetune_and_probe(**kwargs)
+
+
+def test_a_resumed_run_finds_its_inputs_as_they_were_and_overwrite_resumes(world, tmp_path, monkeypatch, caplog):
+    """A task reordered or a manifest rewritten under the same names was resumed: the head's classes were the old
+    order (accuracy 0.2 for 0.9). --overwrite started an interrupted run over; a cut-off epochs.jsonl line crashed."""
+    import os
+    import shutil
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    task = tmp_path / "task.yaml"
+    shutil.copy(world.task_file, task)
+    manifest = world.manifest.parent / f"copy-{tmp_path.name}.parquet"  # beside the images it names
+    pq.write_table(pq.read_table(world.manifest), manifest)
+    out, real_save = tmp_path / "run", train.checkpoint.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, *args, **kwargs):
+        if path.name == "last.pt" and args[3] == 2:
+            raise Killed
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(train.checkpoint, "save_checkpoint", save_then_die)
+    kwargs = {"train": [str(manifest)], "eval_task": str(task), "eval_data": str(world.eval_dir), "out": str(out), **RUN}
+    with pytest.raises(Killed):
+        finetune_and_probe(**kwargs)
+    monkeypatch.setattr(train.checkpoint, "save_checkpoint", real_save)
+    epoch_1 = _history(out)[1]
+    with open(out / "epochs.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"epoch": 3, "train_lo')  # a kill while the line was appended
+    original = task.read_text(encoding="utf-8")
+    spec = yaml.safe_load(original)
+    spec["classes"] = spec["classes"][::-1]
+    task.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    with pytest.raises(CurateError, match=r"other settings or inputs \(classes, eval_images\)"):
+        finetune_and_probe(**kwargs)
+    task.write_text(original, encoding="utf-8")
+    stat = manifest.stat()
+    os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten under the same name
+    with pytest.raises(CurateError, match=r"other settings or inputs \(train_files\)"):
+        finetune_and_probe(**kwargs)
+    os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with caplog.at_level("INFO", logger="train.finetune"):
+        resumed = finetune_and_probe(**kwargs, overwrite=True)
+    assert "--overwrite keeps the interrupted run" in caplog.text
+    assert [h["epoch"] for h in _history(out)] == [0, 1, 2, 3] and _history(out)[1] == epoch_1  # epoch 1 not run again
+    assert resumed.epochs_run == EPOCHS
+    finetune_and_probe(**kwargs, overwrite=True)  # a finished run: --overwrite starts over
+    assert _history(out)[1] != epoch_1
+    manifest.unlink()
 
 
 def test_realtune_from_a_checkpoint_with_a_train_fraction(reference, world, tmp_path):
@@ -188,6 +241,35 @@ def test_bad_input_one_line_no_output(world, reference, tmp_path, runner):
     _bad(runner, world, out, "--lr and --wd must be finite numbers", "--lr", "inf", train=world.manifest)
     _bad(runner, world, out, "--seed must be in 0..4294967295, got -1", "--seed", "-1", train=world.manifest)
     _bad(runner, world, out, "unknown device 'foo': use auto, cpu, cuda or cuda:N", "--device", "foo", train=world.manifest)
+    # --overwrite --eval-only deleted a --train folder inside --out (its images were not listed as inputs)
+    _bad(runner, world, out, "--eval-only trains nothing: leave out --train", "--eval-only", train=world.manifest)
+    # MixLoss needs weights: without --mix it was MixData, and the report said loss
+    _bad(runner, world, out, "--mix-mode loss needs --mix", "--mix-mode", "loss", train=world.manifest)
+
+
+def test_an_eval_split_without_some_class_is_refused(world, tmp_path, runner):
+    """The probe could never predict such a class, and accuracy was over fewer classes: silently."""
+    import shutil
+
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(world.eval_dir, eval_dir)
+    shutil.rmtree(eval_dir / "val" / CLASSES[2])
+    result = runner.invoke(cli, ["finetune-and-probe", "--eval-task", str(world.task_file), "--eval-data", str(eval_dir),
+                                 "--out", str(tmp_path / "r"), "--model", "tiny-clip", "--train", str(world.manifest)])
+    assert_cli_error(result, f"eval folder {eval_dir / 'val'} has no images of 1 class(es) of the task: '{CLASSES[2]}'",
+                     tmp_path / "r")
+
+
+def test_a_run_failing_on_its_input_before_any_checkpoint_leaves_no_folder(world, tmp_path, runner):
+    """A missing train image stopped epoch 1 and left OUT with run_settings.json: the corrected command was refused."""
+    rows = read_manifest(world.manifest).to_pylist()
+    for row in rows:
+        row["image_path"] = str(world.manifest.parent / row["image_path"])
+    rows[3]["image_path"] += ".gone"
+    train = write_rows(tmp_path / "m", rows)
+    args = ["finetune-and-probe", "--eval-task", str(world.task_file), "--eval-data", str(world.eval_dir), "--out",
+            str(tmp_path / "r"), "--model", "tiny-clip", "--workers", "0", "--epochs", "1", "--train", str(train)]
+    assert_cli_error(runner.invoke(cli, args), "cannot read image of row", tmp_path / "r")
 
 
 def test_a_diverging_run_stops_with_one_line(world, tmp_path, runner):

@@ -44,7 +44,8 @@ from curate.models import DEFAULT_CLIP
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model (default: on CUDA).")
 @click.option("--keep-checkpoints", type=click.Choice(KEEP_CHECKPOINTS), default="last", show_default=True,
               help="last: best.pt + last.pt; all: also epoch_K.pt for every epoch.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing run folder (an interrupted run of the same settings and inputs is resumed).")
 @click.option("--no-resume", is_flag=True, help="Refuse to continue an interrupted run in --out.")
 def cli(compile_: bool | None, no_resume: bool, **options) -> None:
     """Finetune CLIP's image encoder on manifests; report zero-shot, head and linear-probe accuracy.

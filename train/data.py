@@ -237,6 +237,17 @@ def _scan_split(folder: Path, labels: dict[str, int], safe: dict[str, set[int]],
     return samples
 
 
+def check_every_class(root: str | Path, samples: dict[str, list[tuple[Path, int]]], class_names: list[str]) -> None:
+    """CurateError if a split has no image of some class: the probe could never predict it, and accuracy would
+    be over fewer classes than the task has."""
+    for split, pairs in samples.items():
+        absent = sorted(set(range(len(class_names))) - {label for _, label in pairs})
+        if absent:
+            named = ", ".join(repr(class_names[label]) for label in absent[:5]) + (", ..." if len(absent) > 5 else "")
+            raise CurateError(f"eval folder {Path(root) / split} has no images of {len(absent)} class(es) of the "
+                              f"task: {named}")
+
+
 def _folder_label(sub: Path, exported: dict[str, int], labels: dict[str, int], safe: dict[str, set[int]],
                   class_names: list[str]) -> int:
     key = name_key(sub.name)

@@ -10,6 +10,7 @@ from `checkpoints/last.pt` and ends with the same metrics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -112,7 +113,7 @@ def finetune_and_probe(
     settings["train"] = [str(p) for p in train]
     start = time.perf_counter()
     run = _prepare(settings)
-    history = _open_run(run, settings)
+    history, fresh = _open_run(run, settings)
     try:
         epoch0 = _epoch0_metrics(run, history)
         if not eval_only:
@@ -121,6 +122,8 @@ def finetune_and_probe(
     except CurateError as exc:  # e.g. an unreadable image, maybe raised in a loader worker
         from train.data import one_line_error
 
+        if fresh and not (run.out / "checkpoints" / "last.pt").exists():  # nothing to resume: leave no run folder
+            _remove_run(run.out)
         raise one_line_error(exc) from None
 
 
@@ -147,15 +150,23 @@ class _Run:
 def _prepare(s: dict[str, Any]) -> _Run:
     """Check options and inputs, load the model and data; nothing is written yet."""
     from curate.tasks import load_task
-    from train.data import load_train_sources, parse_mix, scan_eval_folder
+    from train.data import (
+        check_every_class,
+        load_train_sources,
+        parse_mix,
+        scan_eval_folder,
+    )
 
     _check_options(s)
     task = load_task(s["eval_task"])
     eval_samples = scan_eval_folder(s["eval_data"], task.class_names)
+    check_every_class(s["eval_data"], eval_samples, task.class_names)
     sources, weights = [], None
     if not s["eval_only"]:
         sources = load_train_sources(s["train"], task.class_names, s["train_fraction"], s["seed"])
         weights = parse_mix(s["mix"], len(sources))
+        if s["mix_mode"] == "loss" and weights is None:
+            raise CurateError("--mix-mode loss needs --mix, one weight per --train manifest")
     device, amp_dtype = _device_and_precision(s["device"], s["precision"])
     s["device"], s["precision"] = device, str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
     bundle, head_state = _load_model(s, task.class_names)
@@ -183,6 +194,7 @@ def _check_options(s: dict[str, Any]) -> None:
         (s["freeze_blocks"] >= 0, f"--freeze-blocks must be >= 0, got {s['freeze_blocks']}"),
         (not (s["init_from"] and s["pretrained"]), "give --init-from or --pretrained, not both"),
         (s["accum_steps"] is None or s["accum_steps"] >= 1, "--accum-steps must be >= 1"),
+        (not (s["eval_only"] and s["train"]), "--eval-only trains nothing: leave out --train"),
     ]
     for ok, message in checks:
         if not ok:
@@ -224,21 +236,61 @@ def _load_model(s: dict[str, Any], class_names: list[str]):
 
 
 # ---------------------------------------------------------------- the output folder
-def _open_run(run: _Run, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Create OUT, or reopen an interrupted run with the same settings; returns the epoch history so far."""
-    from manifests.io import clear_output, make_folder, write_json
+def _open_run(run: _Run, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    """Create OUT, or reopen an interrupted run with the same settings and inputs (with --overwrite too, as long
+    as resuming is allowed); returns the epoch history so far, and whether OUT is new."""
+    from manifests.io import changed_settings, clear_output, make_folder, write_json
 
-    out, fingerprint = run.out, {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
+    out = run.out
+    fingerprint = {**{k: v for k, v in settings.items() if k not in _NOT_SETTINGS}, **_input_stamps(run)}
     if (out.exists() or out.is_symlink()) and settings["overwrite"]:
-        clear_output(out, _input_paths(run))
+        if settings["resume"] and _interrupted(out) and not changed_settings(_saved_settings(out), fingerprint):
+            log.info("--overwrite keeps the interrupted run in %s: its settings and inputs are the same", out)
+        else:
+            clear_output(out, _input_paths(run))
     if out.exists():
         _check_resumable(out, fingerprint, settings["resume"])
         history = _read_history(out)
         log.info("resuming the run in %s after epoch %d", out, max((h["epoch"] for h in history), default=0))
-        return history
+        return history, False
     make_folder(out)
     write_json(json.loads(json.dumps(fingerprint, default=str)), out / SETTINGS_FILE)
-    return []
+    return [], True
+
+
+def _input_stamps(run: _Run) -> dict[str, Any]:
+    """What a resumed run must find as it was, beyond the options: the task's classes (their order is the
+    head's), each train manifest's file and version, and the eval images with their labels."""
+    import hashlib
+
+    from manifests.io import manifest_stamp
+
+    listing, root = hashlib.sha256(), Path(run.settings["eval_data"])
+    for split, samples in sorted(run.eval_samples.items()):
+        for path, label in samples:
+            listing.update(f"{split}\t{label}\t{path.relative_to(root)}\n".encode("utf-8", "surrogateescape"))
+    return {"classes": list(run.task.class_names), "train_files": [manifest_stamp(src.path) for src in run.sources],
+            "eval_images": listing.hexdigest()}
+
+
+def _interrupted(out: Path) -> bool:
+    from manifests.io import REPORT_NAME
+
+    return out.is_dir() and not out.is_symlink() and (out / SETTINGS_FILE).exists() and not (out / REPORT_NAME).exists()
+
+
+def _saved_settings(out: Path) -> Any:
+    try:
+        return json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_run(out: Path) -> None:
+    from manifests.io import remove_output
+
+    with contextlib.suppress(OSError):
+        remove_output(out)
 
 
 def _input_paths(run: _Run) -> Iterator[str | Path]:
@@ -254,15 +306,16 @@ def _input_paths(run: _Run) -> Iterator[str | Path]:
 
 
 def _check_resumable(out: Path, fingerprint: dict[str, Any], resume: bool) -> None:
-    from manifests.io import REPORT_NAME, changed_settings
+    from manifests.io import changed_settings
 
-    if (out / REPORT_NAME).exists() or not (out / SETTINGS_FILE).exists():
+    if not _interrupted(out):
         raise CurateError(f"output directory {out} already exists (use --overwrite to replace it)")
     if not resume:
         raise CurateError(f"output directory {out} holds an interrupted run (resume it, or use --overwrite)")
-    changed = changed_settings(json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8")), fingerprint)
+    changed = changed_settings(_saved_settings(out), fingerprint)
     if changed:
-        raise CurateError(f"{out} holds an interrupted run with other settings ({', '.join(changed)}); use --overwrite")
+        raise CurateError(f"{out} holds an interrupted run with other settings or inputs ({', '.join(changed)}); "
+                          "use --overwrite")
 
 
 def _read_history(out: Path) -> list[dict[str, Any]]:
@@ -273,8 +326,11 @@ def _read_history(out: Path) -> list[dict[str, Any]]:
     last = out / "checkpoints" / "last.pt"
     done = int(read_checkpoint(last)["epoch"]) if last.exists() else 0
     path = out / EPOCHS_FILE
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    history = [r for r in map(json.loads, filter(None, lines)) if r["epoch"] <= done]
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n") if path.exists() else []
+    records = [_epoch_record(line) for line in lines if line]
+    if None in records:
+        log.warning("%s: %d damaged line(s) left out", path, records.count(None))
+    history = [r for r in records if r is not None and r["epoch"] <= done]
     text = "".join(json.dumps(r) + "\n" for r in history)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return history
@@ -358,6 +414,16 @@ def _save_best(run: _Run, epoch: int, features: dict[str, Any], sweep) -> None:
         save_features(cache, f"{BEST_KEY}{epoch}_{split}", x, y)
     if sweep is not None:
         save_sweep(cache, f"{BEST_KEY}{epoch}_sweep", sweep)
+
+
+def _epoch_record(line: str) -> dict[str, Any] | None:
+    """One line of epochs.jsonl; None for a line cut short (a kill or a full disk while it was appended: its
+    epoch comes after the last checkpoint and runs again)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
 
 
 def _append_history(out: Path, record: dict[str, Any]) -> None:
