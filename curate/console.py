@@ -50,6 +50,10 @@ def format_command(command: str, options: dict) -> str:
     return " ".join([command, *flags])
 
 
+def _ignore_signal(_signum, _frame) -> None:
+    pass
+
+
 @contextlib.contextmanager
 def stop_cleanly_on_sigterm() -> Iterator[None]:
     """Run a command so that a batch scheduler's SIGTERM (preemption, a time limit) unwinds it like Ctrl-C:
@@ -64,8 +68,9 @@ def stop_cleanly_on_sigterm() -> Iterator[None]:
     def stop(signum, _frame):
         received.append(signum)
         # the DataLoader workers of the same process group got it too: their deaths are no error now (PyTorch's
-        # SIGCHLD handler would print one from the loader's clean-up)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # SIGCHLD handler would print one from the loader's clean-up). A handler that does nothing, not SIG_DFL: a
+        # SIGCHLD already pending would find no Python handler and raise "Signal 17 ignored due to race condition"
+        signal.signal(signal.SIGCHLD, _ignore_signal)
         raise SystemExit(128 + signum)
 
     def unraisable(hook_args) -> None:

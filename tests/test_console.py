@@ -21,6 +21,21 @@ with stop_cleanly_on_sigterm():
     time.sleep(3)
     print("ran on")
 """,
+    # a DataLoader worker's death (SIGCHLD, PyTorch's handler) pending with the SIGTERM: the handler set SIGCHLD to
+    # its default, and Python then raised "OSError: Signal 17 ignored due to race condition" while unwinding
+    "with a child's death pending": """
+import os, signal
+from curate.console import stop_cleanly_on_sigterm
+signal.signal(signal.SIGCHLD, lambda *_: None)
+with stop_cleanly_on_sigterm():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+    os.kill(os.getpid(), signal.SIGCHLD)
+    os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGCHLD})  # both handled: SIGTERM first
+    finally:
+        sum(range(10))
+""",
     # an import's class body turns the exit into a RuntimeError: exit 1 with a traceback
     "turned into another error": """
 import os, signal, time
