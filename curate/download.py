@@ -222,15 +222,15 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool, resume: bool, sou
     if out.exists():
         refuse_inputs_inside(out, [source])
         _lock(out, held)
-    if out.exists() and overwrite:
-        remove_output(out)
-    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            remove_output(out)
+    if not out.exists() or overwrite:  # the folder written from here on is the one locked (another run may make it)
+        make_folder(out)
+        _lock(out, held)
+    if any(out.iterdir()):
         _check_resumable(out, fingerprint, resume)
         log.info("resuming the interrupted download in %s", out)
         return True
-    if not out.exists():
-        make_folder(out)
-        _lock(out, held)
     write_json({"stage": "download", "fingerprint": fingerprint}, out / STATE_NAME)
     return False
 

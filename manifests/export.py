@@ -46,6 +46,7 @@ IMG2DATASET_RESERVED = frozenset({"key", "caption", "url", "width", "height", "o
                                   "status", "error_message", "exif", "md5", "sha256", "sha512"})
 SAMPLES_PER_TAR = 10_000
 CLASSES_FILE = "classes.txt"
+CLASSES_HEADER = "# label<TAB>class name<TAB>folder; in class names \\t \\n \\r \\\\ stand for a tab, line breaks, a backslash"
 
 
 def export_img2dataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
@@ -136,11 +137,11 @@ def export_webdataset(table: pa.Table, manifest_dir: Path, out: Path) -> list[st
 
 def export_imagefolder(table: pa.Table, manifest_dir: Path, out: Path) -> list[str]:
     """OUT/<class folder>/<uid>.<ext> with the image bytes as stored, and classes.txt
-    (`label<TAB>class_name<TAB>folder` per class, by label; a backslash, tab or line break in a class name
-    written as \\, \t, \n, \r). Folder names are the class names made safe for file systems; torchvision's
+    (CLASSES_HEADER, then `label<TAB>class_name<TAB>folder` per class, by label; a backslash, tab or line break
+    in a class name written as \\, \t, \n, \r). Folder names are the class names made safe for file systems; torchvision's
     ImageFolder numbers folders in sorted order, so map its indices back to labels through classes.txt."""
     folders = _class_folders(table)
-    lines = [f"{label}\t{_escaped(name)}\t{folder}" for (label, name), folder in sorted(folders.items())]
+    lines = [CLASSES_HEADER, *(f"{label}\t{_escaped(name)}\t{folder}" for (label, name), folder in sorted(folders.items()))]
     (out / CLASSES_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8", newline="\n")
     for folder in folders.values():
         (out / folder).mkdir()
@@ -168,12 +169,14 @@ def read_class_folders(folder: Path) -> dict[str, str] | None:
     listing = folder / CLASSES_FILE
     if not listing.is_file():
         return None
-    with open(listing, encoding="utf-8", newline="") as handle:  # lines end at \n only, as written
-        rows = [line.split("\t") for line in handle.read().split("\n") if line]
+    with open(listing, encoding="utf-8", newline="") as handle:  # lines end at \n only, as written (\r\n once copied)
+        lines = [line.removesuffix("\r") for line in handle.read().split("\n")]
+    escaped = lines[0] == CLASSES_HEADER  # exports before the header wrote names as they were
+    rows = [line.split("\t") for line in lines[escaped:] if line]
     if not rows or any(len(row) != 3 or not row[0].isdigit() for row in rows):
         log.warning("%s is not a curate export's classes.txt (label, class name, folder): folders are read by name", listing)
         return None
-    return {sub: _unescaped(name) for _, name, sub in rows}
+    return {sub: _unescaped(name) if escaped else name for _, name, sub in rows}
 
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}

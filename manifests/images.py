@@ -89,7 +89,7 @@ def rebase_images(table: pa.Table, from_dir: str | os.PathLike, to_dir: str | os
     prefix = os.path.relpath(Path(from_dir).resolve(), Path(to_dir).resolve())
     for name in ("image_path", "shard"):
         if name in table.column_names:
-            values = [None if v is None else v if os.path.isabs(v) else os.path.normpath(os.path.join(prefix, v))
+            values = [v if not v or os.path.isabs(v) else os.path.normpath(os.path.join(prefix, v))  # "": no image
                       for v in table.column(name).to_pylist()]
             table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return table

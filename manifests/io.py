@@ -27,6 +27,7 @@ MANIFEST_NAME = "manifest.parquet"
 REPORT_NAME = "report.json"
 ROW_GROUP_ROWS = 64 * 1024  # rows per row group of a manifest written piece by piece
 STAGING_INFIX, ASIDE_INFIX = ".partial-", ".replaced-"  # hidden folders beside an output: `.OUT.partial-*`, ...
+LEFTOVER_MARK = ".curate-leftover"  # in such a folder while a run holds it: it is ours, to clear up after a kill
 log = logging.getLogger(__name__)
 
 def _read_umask() -> int:
@@ -260,17 +261,18 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
     refused even so when it holds one of the stage's `inputs` (files or folders), which it would delete.
     """
     out = Path(out)
+    recover_leftovers(out)  # first: it may put an old output back
     if out.exists() and not overwrite:
         raise CurateError(f"output directory {out} already exists (use --overwrite to replace it)")
     if out.exists():
         refuse_inputs_inside(out, inputs)
     make_folder(out.parent)
-    remove_leftovers(out)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))
     except OSError as exc:  # no permission, a read-only or special file system (/proc), ...
         raise CurateError(f"cannot create a folder in {out.parent} for {out}: {exc.strerror or exc}") from None
-    with folder_lock(staging, wait=True):  # so that another run does not take it for a leftover
+    with folder_lock(staging, wait=True):
+        _mark_leftover(staging)
         staging.chmod(0o777 & ~UMASK)  # mkdtemp makes it private (0700); the output is an ordinary folder
         try:
             yield staging
@@ -280,18 +282,33 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: I
         _swap_in(staging, out)
 
 
-def remove_leftovers(out: Path) -> None:
-    """Delete what runs killed outright (SIGKILL, out of memory, a lost node) left beside `out`: their staging
-    folders and old outputs set aside, which are hidden and can be large. A folder that a live run holds stays."""
+def recover_leftovers(out: Path) -> None:
+    """Deal with what runs killed outright (SIGKILL, out of memory, a lost node) left beside `out`, hidden and
+    as large as an output: a staging folder is deleted; an old output set aside is put back if `out` is missing
+    (a kill between `_swap_in`'s two renames), else deleted. Only folders of our names that hold our mark are
+    touched, and only when no live run holds them (it locks them before it marks them)."""
+    if not out.parent.is_dir():
+        return
     # mkdtemp's names: the prefix, then 8 of [a-z0-9_]
     ours = re.compile(re.escape(f".{out.name}") + f"({re.escape(STAGING_INFIX)}|{re.escape(ASIDE_INFIX)})[a-z0-9_]{{8}}")
     for folder in sorted(out.parent.glob(glob.escape(f".{out.name}.") + "*")):
-        if not ours.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+        matched = ours.fullmatch(folder.name)
+        if not matched or folder.is_symlink() or not (folder / LEFTOVER_MARK).is_file():
             continue
         with contextlib.suppress(OSError), folder_lock(folder) as held:  # OSError: held by a live run, or gone
-            if held:
+            if held and matched.group(1) == ASIDE_INFIX and not (out.exists() or out.is_symlink()):
+                (folder / LEFTOVER_MARK).unlink()
+                os.replace(folder, out)
+                log.warning("put %s back as %s: an interrupted run had set it aside", folder, out)
+            elif held:
                 log.warning("removing %s, left by an interrupted run", folder)
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _mark_leftover(folder: Path) -> None:
+    """Mark a folder this process has locked as one of ours, to be cleared up if the process is killed."""
+    with contextlib.suppress(OSError):  # unmarked, it is never touched: the worst is a folder left behind
+        (folder / LEFTOVER_MARK).touch()
 
 
 @contextlib.contextmanager
@@ -321,23 +338,29 @@ def folder_lock(folder: Path, wait: bool = False) -> Iterator[bool]:
 def _swap_in(staging: Path, out: Path) -> None:
     """Put `staging` in the place of `out`. The old output is renamed aside first and deleted last, so an
     interruption (Ctrl-C, SIGTERM) leaves the old output or the new one whole, never half of one and a staging
-    folder (deleting a large old output first took long enough to be interrupted)."""
+    folder (deleting a large old output first took long enough to be interrupted). The aside is locked and
+    marked, so that a run after a kill puts it back or deletes it (`recover_leftovers`)."""
     aside = None
-    try:
-        if out.exists() or out.is_symlink():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE_INFIX}", dir=out.parent))
-            aside.rmdir()  # a free name beside `out`: the rename below takes it
-            os.replace(out, aside)
-        os.replace(staging, out)
-    except BaseException:
-        if aside is not None and not (out.exists() or out.is_symlink()):
-            os.replace(aside, out)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if aside is not None and (aside.is_symlink() or not aside.is_dir()):
-        remove_output(aside)
-    elif aside is not None:
-        with contextlib.suppress(FileNotFoundError), folder_lock(aside, wait=True):  # not found: another run took it for a leftover
+    with contextlib.ExitStack() as held:
+        try:
+            if out.exists() or out.is_symlink():
+                aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE_INFIX}", dir=out.parent))
+                aside.rmdir()  # a free name beside `out`: the rename below takes it
+                os.replace(out, aside)
+                if aside.is_dir() and not aside.is_symlink():
+                    held.enter_context(folder_lock(aside, wait=True))
+                    _mark_leftover(aside)
+            os.replace(staging, out)
+        except BaseException:
+            if aside is not None and not (out.exists() or out.is_symlink()):
+                with contextlib.suppress(OSError):
+                    (aside / LEFTOVER_MARK).unlink()
+                os.replace(aside, out)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with contextlib.suppress(OSError):  # the staging folder's, kept up to here: a kill between the renames
+            (out / LEFTOVER_MARK).unlink()  # left it marked
+        if aside is not None:
             remove_output(aside)
 
 

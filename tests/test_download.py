@@ -328,6 +328,27 @@ def test_a_second_download_into_a_folder_being_written_is_refused(source_manifes
                      f"curate: error: img2dataset output in {out / 'images'} is damaged: shard 00001's results cannot be read")
 
 
+def test_overwrite_locks_the_folder_it_writes_not_the_one_it_deleted(source_manifest, files_run, tmp_path, monkeypatch):
+    """--overwrite locked OUT, deleted it, and wrote into a new OUT that another run had made meanwhile, unlocked."""
+    import contextlib
+
+    import curate.download
+    from manifests.io import folder_lock
+
+    out = tmp_path / "raced"
+    shutil.copytree(files_run[0], out)
+    remove_output = curate.download.remove_output
+    with contextlib.ExitStack() as other_run:
+        def deleted_then_made_by_another_run(path):
+            remove_output(path)
+            path.mkdir()
+            other_run.enter_context(folder_lock(path))
+
+        monkeypatch.setattr(curate.download, "remove_output", deleted_then_made_by_another_run)
+        result = _cli(*_download_args(source_manifest[0], out, "--overwrite"))
+    assert_cli_error(result, f"another curate download is writing to {out}")
+
+
 def test_an_output_holding_the_input_or_a_foreign_state_is_named(source_manifest, tmp_path):
     inside = tmp_path / "inside"
     inside.mkdir()

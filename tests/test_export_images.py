@@ -243,8 +243,8 @@ def test_imagefolder_export_round_trip(tmp_path, layout):
     out = tmp_path / "folders"
     result = _export(manifest, "imagefolder", out)
     assert result.exit_code == 0, result.output
-    lines = (out / "classes.txt").read_text(encoding="utf-8").splitlines()
-    assert lines == [
+    header, *lines = (out / "classes.txt").read_text(encoding="utf-8").splitlines()
+    assert header.startswith("# label<TAB>class name<TAB>folder") and lines == [
         "0\tred circle\tred circle", "1\tgreen/square\tgreen_square", "2\ta/b\ta_b", "3\ta_b\ta_b_3",
         "4\t..\tclass_4", "5\tCON: <weird>?\tCON_ _weird__",
     ]
@@ -294,6 +294,14 @@ def test_table_exports_find_the_images_from_where_the_export_lies(tmp_path, fmt)
     assert [(out / path).read_bytes() for path in paths] == [_payload(i)[0] for i in range(12)]
 
 
+def test_an_empty_image_path_stays_empty_in_table_exports(tmp_path):
+    """"" (no image) became the source manifest's folder, '../m'."""
+    from manifests.images import rebase_images
+
+    table = pa.table({"image_path": ["", None, "a/1.jpg"]})
+    assert rebase_images(table, tmp_path / "m", tmp_path / "e").column("image_path").to_pylist() == ["", None, "../m/a/1.jpg"]
+
+
 def test_imagefolder_class_names_that_are_the_exports_files_or_hold_tabs(tmp_path):
     """Class 'classes.txt' crashed the export (a folder where the file goes); a tab or line break in a name made
     classes.txt unreadable, and every class lost its folder's label."""
@@ -313,6 +321,11 @@ def test_imagefolder_class_names_that_are_the_exports_files_or_hold_tabs(tmp_pat
     assert {name: folder for folder, name in folders.items()}["classes.txt"] == "classes.txt_0"
     assert (out / "classes.txt").is_file() and (out / "manifest.parquet").is_file() and (out / "report.json").is_file()
     assert sum(1 for folder in folders if (out / folder).is_dir()) == len(names)
+    listing = (out / "classes.txt").read_bytes()
+    (out / "classes.txt").write_bytes(listing.replace(b"\n", b"\r\n"))  # as git's autocrlf or an editor saves it
+    assert read_class_folders(out) == folders
+    (out / "classes.txt").write_text("0\tC:\\temp\tC__temp\n", encoding="utf-8")  # written before escapes, no header
+    assert read_class_folders(out) == {"C__temp": "C:\\temp"}
 
 
 @pytest.mark.parametrize(("uid", "message"), [("", "has empty values in column 'uid'"), (" ", "has empty values in column 'uid'"),

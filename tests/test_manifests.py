@@ -230,8 +230,11 @@ def _start_staging(out):
 
 def test_a_killed_runs_hidden_leftovers_are_removed_and_a_live_runs_staging_stays(tmp_path, caplog):
     """SIGKILL (out of memory, a scheduler's last word) left `.OUT.partial-*` beside OUT for good: hidden, and as
-    large as the output."""
+    large as the output. Only marked folders of our names that no live run holds go: never a user's folder
+    named like ours, nor a staging folder just made and not yet locked and marked."""
     import signal
+
+    from manifests.io import LEFTOVER_MARK
 
     out = tmp_path / "out"
     live, live_staging = _start_staging(out)
@@ -239,22 +242,64 @@ def test_a_killed_runs_hidden_leftovers_are_removed_and_a_live_runs_staging_stay
     try:
         killed.send_signal(signal.SIGKILL)
         killed.wait(30)
-        aside = tmp_path / ".out.replaced-abcd_123"  # an old output whose deletion was interrupted
+        aside = tmp_path / ".out.replaced-abcd_123"  # an old output whose deletion was interrupted, OUT in place
         aside.mkdir()
-        (aside / "old.txt").write_text("old")
-        others = [tmp_path / ".out2.partial-abcd_123", tmp_path / ".out.partial-mine"]  # another output's, a user's
-        for other in others:
-            other.mkdir()
-        assert killed_staging.is_dir() and (live_staging / "half.txt").exists()
-        with caplog.at_level("WARNING", logger="manifests.io"), staged_output_dir(out) as staging:
+        (aside / LEFTOVER_MARK).touch()
+        out.mkdir()
+        kept = [tmp_path / ".out2.partial-abcd_123", tmp_path / ".out.partial-mine", tmp_path / ".out.partial-20261122",
+                tmp_path / ".out.replaced-original"]  # another output's; a user's (unmarked); one just made by mkdtemp
+        for folder in kept:
+            folder.mkdir()
+            (folder / "keep.txt").write_text("mine")
+        (kept[0] / LEFTOVER_MARK).touch()
+        assert (killed_staging / LEFTOVER_MARK).exists() and (live_staging / "half.txt").exists()
+        with caplog.at_level("WARNING", logger="manifests.io"), staged_output_dir(out, overwrite=True) as staging:
             write_report(staging, {"stage": "test"})
-        assert not killed_staging.exists() and not aside.exists()
-        assert (live_staging / "half.txt").exists() and all(o.is_dir() for o in others) and (out / "report.json").exists()
+        assert not killed_staging.exists() and not aside.exists() and (out / "report.json").exists()
+        assert (live_staging / "half.txt").exists() and all((folder / "keep.txt").exists() for folder in kept)
         assert sorted(r.getMessage() for r in caplog.records) == [
             f"removing {folder}, left by an interrupted run" for folder in sorted([killed_staging, aside])]
+        assert sorted(os.listdir(out)) == ["report.json"]  # no mark in the output
     finally:
         live.kill()
         live.wait(30)
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from manifests.io import staged_output_dir
+replace = os.replace
+def killed_before_the_new_output_is_placed(source, target):
+    if Path(source).name.startswith(".out.partial-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(source, target)
+os.replace = killed_before_the_new_output_is_placed
+with staged_output_dir(sys.argv[1], overwrite=True) as staging:
+    (staging / "new.txt").write_text("new")
+"""
+
+
+def test_an_old_output_set_aside_by_a_killed_run_is_put_back(tmp_path, caplog):
+    """A kill between the two renames of --overwrite left the only copy of the old output in `.OUT.replaced-*`;
+    the next run deleted it, and then failed."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    done = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(out)], timeout=60)
+    assert done.returncode == -9
+    [aside] = tmp_path.glob(".out.replaced-*")
+    [staging] = tmp_path.glob(".out.partial-*")
+    assert not out.exists() and (aside / "old.txt").read_text() == "old" and (staging / "new.txt").exists()
+    with caplog.at_level("WARNING", logger="manifests.io"), pytest.raises(CurateError, match="already exists"):
+        with staged_output_dir(out):
+            pass
+    assert sorted(os.listdir(out)) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"put {aside} back as {out}: an interrupted run had set it aside", f"removing {staging}, left by an interrupted run"]
 
 
 def test_staged_output_replaces_a_link_not_its_target_and_names_a_blocked_path(tmp_path):
