@@ -89,10 +89,27 @@ def rebase_images(table: pa.Table, from_dir: str | os.PathLike, to_dir: str | os
     prefix = os.path.relpath(Path(from_dir).resolve(), Path(to_dir).resolve())
     for name in ("image_path", "shard"):
         if name in table.column_names:
-            values = [v if not v or os.path.isabs(v) else os.path.normpath(os.path.join(prefix, v))  # "": no image
-                      for v in table.column(name).to_pylist()]
-            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+            table = table.set_column(table.schema.get_field_index(name), name, _rebased(table.column(name), prefix))
     return table
+
+
+# a path that joining to a normalised prefix would leave unnormalised: absolute, '//', a '.' or '..' part, a final '/'
+_NOT_PLAIN = r"^/|//|(^|/)\.\.?(/|$)|/$"
+
+
+def _rebased(values: pa.ChunkedArray, prefix: str) -> pa.Array:
+    """`prefix`/value, normalised, for each relative value; absolute, empty ("": no image) and null ones as they
+    are. Plain paths (what stages write) are joined by Arrow; the few others by os.path, one at a time."""
+    values = values.combine_chunks().cast(pa.string())
+    present = pc.fill_null(pc.greater(pc.binary_length(values), 0), False)
+    odd = pc.and_(present, pc.match_substring_regex(values, _NOT_PLAIN)).fill_null(False)
+    joined = values if prefix == "." else pc.binary_join_element_wise(prefix, values, "/")
+    rebased = pc.if_else(pc.and_(present, pc.invert(odd)), joined, values)
+    if not pc.any(odd).as_py():
+        return rebased
+    odd_values = values.filter(odd).to_pylist()
+    fixed = [v if os.path.isabs(v) else os.path.normpath(os.path.join(prefix, v)) for v in odd_values]
+    return pc.replace_with_mask(rebased, odd, pa.array(fixed, pa.string()))
 
 
 def image_folders(table: pa.Table, manifest_dir: str | os.PathLike) -> Iterator[Path]:
