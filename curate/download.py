@@ -132,7 +132,8 @@ def download(
         "number_sample_per_shard": samples_per_shard, "timeout": timeout, "retries": retries,
     })
     table = _read_input(Path(manifest))
-    sendable = table.filter(pc.is_null(_unsent_reason(table)))
+    unsent = _unsent_reason(table)
+    sendable = table.filter(pc.is_null(unsent))
     out = Path(out)
     _check_no_glob(out)
     with contextlib.ExitStack() as held:  # OUT stays locked until the download ends: a second run into it is refused
@@ -147,8 +148,8 @@ def download(
             _write_parquet(sendable.select(["url", "caption", "uid"]), out / IMG2DATASET_FILE)
             timing = _run_img2dataset(out / IMG2DATASET_FILE, data_dir, options)
         results = _collect_results(data_dir, shard_names, sendable.num_rows)
-        downloaded, failed = _split_results(table, results, output_format, encode_format)
-        report = _report(table, downloaded, failed, results, manifest, options, resumed)
+        downloaded, failed = _split_results(table, unsent, results, output_format, encode_format)
+        report = _report(table, unsent, downloaded, failed, results, manifest, options, resumed)
         report["shards"] = {
             "total": len(shard_names), "skipped": len(done_before), "samples_per_shard": samples_per_shard,
         }
@@ -366,7 +367,7 @@ def _collect_results(data_dir: Path, shard_names: list[str], expected_rows: int)
 
 
 def _split_results(
-    table: pa.Table, results: pa.Table, output_format: str, encode_format: str
+    table: pa.Table, unsent: pa.ChunkedArray, results: pa.Table, output_format: str, encode_format: str
 ) -> tuple[pa.Table, pa.Table]:
     """(the output manifest rows that arrived, the failed rows), both in input order."""
     joined = results.join(table.select(["uid", _ROW]), keys="uid", join_type="inner").sort_by(_ROW)
@@ -380,7 +381,7 @@ def _split_results(
     downloaded = downloaded.append_column("sha256", arrived.column("sha256"))
     downloaded = downloaded.append_column("image_width", arrived.column("width"))
     downloaded = downloaded.append_column("image_height", arrived.column("height"))
-    failed = _failed_rows(table, joined.filter(pc.invert(ok)))
+    failed = _failed_rows(table, unsent, joined.filter(pc.invert(ok)))
     return downloaded.drop_columns([_ROW]), failed
 
 
@@ -392,20 +393,20 @@ def _location_columns(arrived: pa.Table, output_format: str, encode_format: str)
     return {"image_path": pc.binary_join_element_wise(f"{folder}/", shard, "/", key, f".{encode_format}", "")}
 
 
-def _failed_rows(table: pa.Table, failed_results: pa.Table) -> pa.Table:
-    """uid, url, label, class_name, status, error_message of every row without an image, in input order."""
+def _failed_rows(table: pa.Table, unsent: pa.ChunkedArray, failed_results: pa.Table) -> pa.Table:
+    """uid, url, label, class_name, status, error_message of every row without an image, in input order
+    (`unsent`: `_unsent_reason` of the table's rows)."""
     columns = ["uid", "url", "label", "class_name", _ROW]
     attempted = table.take(failed_results.column(_ROW)).select(columns)
     attempted = attempted.append_column("status", failed_results.column("status"))
     attempted = attempted.append_column("error_message", failed_results.column("error_message"))
-    unsent = _unsent_reason(table)
     skipped = table.filter(pc.is_valid(unsent)).select(columns)
     skipped = skipped.append_column("status", pa.array(["skipped"] * skipped.num_rows, pa.string()))
     skipped = skipped.append_column("error_message", unsent.filter(pc.is_valid(unsent)))
     return pa.concat_tables([attempted, skipped]).sort_by(_ROW).drop_columns([_ROW])
 
 
-def _report(table, downloaded, failed, results, manifest, options, resumed) -> dict[str, Any]:
+def _report(table, unsent, downloaded, failed, results, manifest, options, resumed) -> dict[str, Any]:
     status = pc.value_counts(results.column("status")).to_pylist() if results.num_rows else []
     by_status = {item["values"]: item["counts"] for item in status}
     errors = pc.value_counts(failed.column("error_message").fill_null("unknown")).to_pylist() if failed.num_rows else []
@@ -417,8 +418,8 @@ def _report(table, downloaded, failed, results, manifest, options, resumed) -> d
         "resumed": resumed,
         "counts": {
             "input_rows": table.num_rows,
-            "missing_url": _count(_unsent_reason(table), "missing url"),
-            "not_web_url": _count(_unsent_reason(table), NOT_WEB_URL),
+            "missing_url": _count(unsent, "missing url"),
+            "not_web_url": _count(unsent, NOT_WEB_URL),
             "attempted": results.num_rows,
             "success": downloaded.num_rows,
             "failed": failed.num_rows,
