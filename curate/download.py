@@ -44,6 +44,7 @@ from manifests.io import (
     input_task,
     make_folder,
     read_manifest,
+    read_saved,
     refuse_inputs_inside,
     remove_output,
     write_json,
@@ -257,16 +258,11 @@ def _check_no_glob(out: Path) -> None:
 def _check_resumable(out: Path, fingerprint: str, resume: bool) -> None:
     if (out / MANIFEST_NAME).exists():
         raise CurateError(f"output directory {out} already holds a finished download (use --overwrite to replace it)")
-    try:
-        state = json.loads((out / STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise CurateError(
-            f"output directory {out} already exists and is not a download folder (use --overwrite)"
-        ) from None
+    state = read_saved(out / STATE_NAME)
+    if state is None:
+        raise CurateError(f"output directory {out} already exists and is not a download folder (use --overwrite)")
     if not resume:
         raise CurateError(f"output directory {out} holds an interrupted download (resume it, or use --overwrite)")
-    if not isinstance(state, dict):
-        raise CurateError(f"output directory {out} already exists and is not a download folder (use --overwrite)")
     if state.get("fingerprint") != fingerprint:
         raise CurateError(
             f"output directory {out} holds an interrupted download of other rows or image options (use --overwrite)"

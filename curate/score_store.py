@@ -10,7 +10,6 @@ texts, mode, chunking): a run with other settings is refused instead of mixing s
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import zipfile
@@ -21,7 +20,13 @@ import numpy as np
 
 from curate.embeddings import float16_map
 from curate.errors import CurateError
-from manifests.io import atomic_write, changed_settings, make_folder, write_json
+from manifests.io import (
+    atomic_write,
+    changed_settings,
+    make_folder,
+    read_saved,
+    write_json,
+)
 
 CHUNK_TARGET_ROWS = 65536  # rows per saved chunk (rounded up to whole batches): about a minute of ViT-B-16 on a GPU
 FINGERPRINT = "fingerprint.json"
@@ -60,11 +65,7 @@ class ScoreStore:
         """Scores of the same settings are the ones this run would compute: kept (even with --overwrite, which
         replaces a finished OUT, so that a killed --overwrite run resumes too). Others are refused, or discarded
         with --overwrite. A folder with no chunk yet holds nothing to keep."""
-        try:
-            saved = json.loads((self.folder / FINGERPRINT).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            saved = {}
-        differ = changed_settings(saved, fingerprint)
+        differ = changed_settings(read_saved(self.folder / FINGERPRINT), fingerprint)
         if differ and not overwrite and any(self.folder.glob(CHUNKS)):
             raise CurateError(f"{self.folder} holds the scores of an interrupted filter run with other settings "
                               f"({', '.join(differ)} differ): run it again as it was to resume, or add --overwrite to start over")

@@ -219,6 +219,15 @@ def read_report(location: str | os.PathLike) -> dict[str, Any]:
     return json.loads(report_file(location).read_text(encoding="utf-8"))
 
 
+def read_saved(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A JSON object a run saved (its settings, state or report); None when the file is missing, unreadable or
+    holds no object."""
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        return saved if isinstance(saved, dict) else None
+    return None
+
+
 def changed_settings(saved: Any, current: dict[str, Any]) -> list[str]:
     """The keys whose values differ between settings saved as JSON (anything not an object: all of them) and
     `current` (compared as JSON would store it), sorted."""
@@ -229,10 +238,7 @@ def changed_settings(saved: Any, current: dict[str, Any]) -> list[str]:
 
 def input_report(manifest: str | os.PathLike) -> dict[str, Any]:
     """The report beside a stage's input manifest (or in its folder); {} when there is no readable JSON object."""
-    with contextlib.suppress(OSError, ValueError):
-        report = read_report(manifest_dir(manifest))
-        return report if isinstance(report, dict) else {}
-    return {}
+    return read_saved(report_file(manifest_dir(manifest))) or {}
 
 
 def input_task(manifest: str | os.PathLike) -> Any:

@@ -239,12 +239,18 @@ def _load_model(s: dict[str, Any], class_names: list[str]):
 def _open_run(run: _Run, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
     """Create OUT, or reopen an interrupted run with the same settings and inputs (with --overwrite too, as long
     as resuming is allowed); returns the epoch history so far, and whether OUT is new."""
-    from manifests.io import changed_settings, clear_output, make_folder, write_json
+    from manifests.io import (
+        changed_settings,
+        clear_output,
+        make_folder,
+        read_saved,
+        write_json,
+    )
 
     out = run.out
     fingerprint = {**{k: v for k, v in settings.items() if k not in _NOT_SETTINGS}, **_input_stamps(run)}
     if (out.exists() or out.is_symlink()) and settings["overwrite"]:
-        if settings["resume"] and _interrupted(out) and not changed_settings(_saved_settings(out), fingerprint):
+        if settings["resume"] and _interrupted(out) and not changed_settings(read_saved(out / SETTINGS_FILE), fingerprint):
             log.info("--overwrite keeps the interrupted run in %s: its settings and inputs are the same", out)
         else:
             clear_output(out, _input_paths(run))
@@ -279,13 +285,6 @@ def _interrupted(out: Path) -> bool:
     return out.is_dir() and not out.is_symlink() and (out / SETTINGS_FILE).exists() and not (out / REPORT_NAME).exists()
 
 
-def _saved_settings(out: Path) -> Any:
-    try:
-        return json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _remove_run(out: Path) -> None:
     from manifests.io import remove_output
 
@@ -306,13 +305,13 @@ def _input_paths(run: _Run) -> Iterator[str | Path]:
 
 
 def _check_resumable(out: Path, fingerprint: dict[str, Any], resume: bool) -> None:
-    from manifests.io import changed_settings
+    from manifests.io import changed_settings, read_saved
 
     if not _interrupted(out):
         raise CurateError(f"output directory {out} already exists (use --overwrite to replace it)")
     if not resume:
         raise CurateError(f"output directory {out} holds an interrupted run (resume it, or use --overwrite)")
-    changed = changed_settings(_saved_settings(out), fingerprint)
+    changed = changed_settings(read_saved(out / SETTINGS_FILE), fingerprint)
     if changed:
         raise CurateError(f"{out} holds an interrupted run with other settings or inputs ({', '.join(changed)}); "
                           "use --overwrite")
